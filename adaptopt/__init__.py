@@ -1,0 +1,29 @@
+"""adaptopt: layer-wise adaptive fine-tuning for PyTorch.
+
+Every target layer of a model is, at any moment, frozen, LoRA-adapted at some rank, or
+fully trained; the library moves layers between these modes while training runs,
+without changing what the model computes at the moment of the switch.
+
+The core imports with torch alone; bitsandbytes, transformers, datasets and matplotlib
+are imported only by the features that need them.
+"""
+from .factors import lora_scaling
+from .inject import ARCHITECTURE_TARGETS, TargetInfo, find_adapters, inject_adapters, select_targets
+from .lora import LoRALinear
+from .modes import Mode
+from .quant import QuantConfig, QuantLoRALinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHITECTURE_TARGETS",
+    "LoRALinear",
+    "Mode",
+    "QuantConfig",
+    "QuantLoRALinear",
+    "TargetInfo",
+    "find_adapters",
+    "inject_adapters",
+    "lora_scaling",
+    "select_targets",
+]

@@ -1,0 +1,183 @@
+"""Find a model's target layers and swap them for adapter modules, in place.
+
+``targets`` may be:
+
+- ``"auto"``: the known linear names of the architecture (``model.config.model_type``),
+  inside numbered blocks; unknown architectures fall back to every linear layer except
+  output heads (``lm_head``, ``classifier``, ``score``).
+- a list of names: a module matches if its full name, or a dotted tail of it, equals one
+  (``"query"`` matches ``encoder.layer.0.attention.self.query``).
+- a regex (any other string, or a compiled pattern): it must ``fullmatch`` the full name
+  or a dotted tail of it (``r"layer\\.[0-2]\\..*"``, ``r"(query|value)"``).
+
+Every target gets a :class:`TargetInfo`: its block (the name up to the first numeric
+component, e.g. ``model.layers.3``) and its type (the name after it, e.g.
+``self_attn.q_proj``), which policies group by.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Pattern, Union
+
+from torch import nn
+
+from .factors import check_rank_alpha
+from .lora import LoRALinear, is_conv1d, is_quantized_linear
+from .modes import Mode
+from .quant import QuantConfig, QuantLoRALinear
+
+Targets = Union[str, Pattern[str], Iterable[str]]
+
+_LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_BERT_LIKE = ("query", "key", "value", "dense")
+ARCHITECTURE_TARGETS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "gemma3_text", "qwen2",
+                     "qwen2_moe", "qwen3", "qwen3_moe", "olmo", "olmo2", "granite", "smollm3"), _LLAMA_LIKE),
+    **dict.fromkeys(("gpt2",), ("c_attn", "c_proj", "c_fc")),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "electra"), _BERT_LIKE),
+    **dict.fromkeys(("distilbert",), ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2")),
+}
+OUTPUT_HEADS = ("lm_head", "classifier", "score")
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """Where a target layer sits in its model.
+
+    ``name="model.layers.3.self_attn.q_proj"`` gives ``block_name="model.layers.3"``,
+    ``block_index=3``, ``layer_type="self_attn.q_proj"``. Layers outside numbered blocks
+    have ``block_name=block_index=None`` and their full name as ``layer_type``.
+    """
+
+    name: str
+    block_name: str | None
+    block_index: int | None
+    layer_type: str
+
+    @classmethod
+    def from_name(cls, name: str) -> "TargetInfo":
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                layer_type = ".".join(parts[i + 1:]) or ".".join(parts[:i]) or "layer"
+                return cls(name, ".".join(parts[:i + 1]), int(part), layer_type)
+        return cls(name, None, None, name)
+
+
+def _tails(name: str) -> list[str]:
+    """``"a.b.c"`` → ``["a.b.c", "b.c", "c"]``."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _is_head(name: str) -> bool:
+    return any(part in OUTPUT_HEADS for part in name.split("."))
+
+
+def find_adapters(model: nn.Module) -> dict[str, LoRALinear]:
+    """The adapter modules already in ``model``, by module name, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Named modules outside existing adapters (a wrapped ``x.base`` is never a target)."""
+    inside = [name + "." for name in find_adapters(model)]
+    return [(name, m) for name, m in model.named_modules()
+            if name and not any(name.startswith(prefix) for prefix in inside)]
+
+
+def _auto_targets(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    names = ARCHITECTURE_TARGETS.get(model_type or "")
+    if names:
+        chosen = [name for name, m in candidates if _is_linear_like(m) and name.rsplit(".", 1)[-1] in names
+                  and TargetInfo.from_name(name).block_index is not None and not _is_head(name)]
+        if chosen:
+            return chosen
+    return [name for name, m in candidates if _is_linear_like(m) and not _is_head(name)]
+
+
+def select_targets(model: nn.Module, targets: Targets = "auto") -> list[str]:
+    """Names of the modules ``targets`` selects (see the module docstring), in model order.
+
+    Raises ``ValueError`` if nothing matches, or if an explicit target is not a linear layer.
+    """
+    candidates = _candidates(model)
+    if isinstance(targets, str) and targets == "auto":
+        chosen = _auto_targets(model, candidates)
+    else:
+        if isinstance(targets, (str, re.Pattern)):
+            pattern = re.compile(targets) if isinstance(targets, str) else targets
+            def matches(name: str) -> bool: return any(pattern.fullmatch(t) for t in _tails(name))
+        elif isinstance(targets, Iterable):
+            wanted = set(targets)
+            if not wanted or not all(isinstance(t, str) for t in wanted):
+                raise ValueError(f"targets must be 'auto', a regex or a non-empty list of names, got {targets!r}")
+            def matches(name: str) -> bool: return not wanted.isdisjoint(_tails(name))
+        else:
+            raise ValueError(f"targets must be 'auto', a regex or a list of names, got {targets!r}")
+        chosen = [name for name, _ in candidates if matches(name)]
+        modules = dict(candidates)
+        not_linear = [f"{name} ({type(modules[name]).__name__})" for name in chosen
+                      if not _is_linear_like(modules[name])]
+        # a name like "attention" also matches containers; keep only their linear leaves then
+        if not_linear and len(not_linear) == len(chosen):
+            raise ValueError(f"targets {targets!r} matched only non-linear modules: {', '.join(not_linear[:8])}. "
+                             "adaptopt adapts nn.Linear and GPT-2 Conv1D layers: name those instead")
+        chosen = [name for name in chosen if _is_linear_like(modules[name])]
+    if not chosen:
+        raise ValueError(f"no target layers matched targets={targets!r} in {type(model).__name__}: pass "
+                         "targets=[...] with names from model.named_modules(), or a regex")
+    return chosen
+
+
+def inject_adapters(model: nn.Module, targets: Targets = "auto", rank: int = 8, alpha: float = 16.0, *,
+                    dropout: float = 0.0, rslora: bool = False, mode: Mode | str = Mode.LORA,
+                    quantize: QuantConfig | str | Mapping[str, Any] | None = None) -> dict[str, LoRALinear]:
+    """Swap ``model``'s target layers for :class:`LoRALinear` (or :class:`QuantLoRALinear` with
+    ``quantize="nf4"|"fp4"|{...}``), in place, and return them by module name.
+
+    Right after injection (``mode=LORA``, ``B = 0``) the model computes exactly what it did
+    (with ``quantize``, up to the 4-bit rounding of the base weights).
+
+    Raises ``ValueError`` for no matching targets, rank ≤ 0, alpha ≤ 0 or an unknown quant
+    type, and ``ImportError`` when bitsandbytes is needed but missing; on any error the
+    model is left exactly as it was.
+    """
+    check_rank_alpha(rank, alpha)
+    mode = Mode.coerce(mode)
+    existing = find_adapters(model)
+    if existing:
+        raise ValueError(f"the model already has {len(existing)} adapters (first: {next(iter(existing))!r}); "
+                         "use adaptopt.find_adapters(model) to get them, or inject into a fresh model")
+    quant = None if quantize is None else QuantConfig.coerce(quantize)
+    names = select_targets(model, targets)
+    if quant is not None:
+        from ._imports import require
+        require("bitsandbytes", extra="quant")
+    modules = dict(model.named_modules())
+    flags = {p: p.requires_grad for name in names for p in modules[name].parameters()}
+    wrapped: dict[str, LoRALinear] = {}
+    try:
+        for name in names:
+            base = modules[name]
+            if quant is not None or is_quantized_linear(base):
+                module = QuantLoRALinear(base, rank, alpha, dropout, rslora, mode=mode,
+                                         quantize=quant or QuantConfig())
+            else:
+                module = LoRALinear(base, rank, alpha, dropout, rslora, mode=mode)
+            module.target = TargetInfo.from_name(name)
+            wrapped[name] = module
+    except BaseException:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        raise
+    for name, module in wrapped.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, module)
+    return wrapped

@@ -1,0 +1,264 @@
+"""``LoRALinear``: one linear layer that can be frozen, LoRA-adapted or fully trained.
+
+.. math::  y = \\mathrm{base}(x) + s \\cdot B A\\, \\mathrm{dropout}(x), \\qquad s = \\alpha / r
+           \\;(\\text{or } \\alpha/\\sqrt{r} \\text{ with rsLoRA})
+
+The wrapped ``base`` is an ``nn.Linear`` or a GPT-2-style ``Conv1D`` (weight stored
+``(in, out)``, detected by duck typing so transformers is never imported). The base
+weight keeps its ``Parameter`` identity through every transition, so optimizer state
+keyed on it stays valid.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .factors import (
+    check_rank_alpha, factors_from_svd, fresh_factors, grow_factors, lora_scaling, svd_of_product,
+)
+from .modes import Mode
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for a GPT-2 ``Conv1D``: ``weight`` of shape ``(nx, nf)`` = (in, out) and an ``nf`` attribute."""
+    weight = getattr(module, "weight", None)
+    return (not isinstance(module, nn.Linear) and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and isinstance(getattr(module, "nf", None), int) and weight.shape[1] == module.nf)
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit linear (its weight is a packed ``Params4bit``)."""
+    return isinstance(module, nn.Linear) and hasattr(module.weight, "quant_state")
+
+
+def linear_geometry(module: nn.Module) -> tuple[int, int, bool]:
+    """``(in_features, out_features, fan_in_fan_out)`` of a linear-like module, or a ``TypeError``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1], True
+    raise TypeError(
+        f"adaptopt adapts nn.Linear and GPT-2-style Conv1D layers, not {type(module).__name__}; "
+        "narrow `targets` to linear layers")
+
+
+class LoRALinear(nn.Module):
+    r"""A linear layer with a per-layer trainable state (:class:`~adaptopt.Mode`).
+
+    .. math::  y = \mathrm{base}(x) + s \cdot B A\,\mathrm{dropout}(x), \quad s = \alpha / r
+
+    Args:
+        base: the ``nn.Linear`` or ``Conv1D`` to wrap; it is kept, not copied.
+        rank: adapter rank ``r`` (> 0), used whenever the layer is in ``Mode.LORA``.
+        alpha: LoRA ``alpha`` (> 0).
+        dropout: dropout on the adapter input (0 means no dropout module at all).
+        rslora: use ``s = alpha / √r`` (rank-stabilised LoRA).
+        mode: the initial mode; ``Mode.LORA`` starts a fresh adapter with ``B = 0``, so the
+            wrapped layer computes exactly what ``base`` did.
+
+    Modes: ``FROZEN`` trains nothing, ``LORA`` trains ``A`` and ``B`` only, ``FULL`` trains the
+    base weight and bias. :meth:`set_mode` moves between them without changing the function.
+
+    Raises:
+        ValueError: rank ≤ 0, alpha ≤ 0, dropout outside [0, 1).
+        TypeError: ``base`` is not linear-like (or is 4-bit: use :class:`QuantLoRALinear`).
+    """
+
+    lora_A: nn.Parameter | None
+    lora_B: nn.Parameter | None
+
+    def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 rslora: bool = False, *, mode: Mode | str = Mode.LORA) -> None:
+        super().__init__()
+        check_rank_alpha(rank, alpha)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        mode = Mode.coerce(mode)
+        if is_quantized_linear(base) and type(self) is LoRALinear:
+            raise TypeError("base is a bitsandbytes 4-bit layer: wrap it with adaptopt.QuantLoRALinear")
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_geometry(base)
+        self.base = base
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.rslora = bool(rslora)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_parameter("lora_A", None)
+        self.register_parameter("lora_B", None)
+        self.merged = False
+        self.target = None  # TargetInfo, filled in by inject_adapters
+        self._mode = Mode.FROZEN
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.set_mode(mode)
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @property
+    def scaling(self) -> float:
+        """``s = alpha / r`` (``alpha / √r`` with rsLoRA) for the current rank."""
+        return lora_scaling(self.alpha, self.rank, self.rslora)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (in the base module's own layout)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def block_index(self) -> int | None:
+        return None if self.target is None else self.target.block_index
+
+    @property
+    def layer_type(self) -> str | None:
+        return None if self.target is None else self.target.layer_type
+
+    def _weight_dtype(self) -> torch.dtype:
+        return self.base.weight.dtype
+
+    def _weight_device(self) -> torch.device:
+        return self.base.weight.device
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        return self._add_adapter(x, out)
+
+    def _add_adapter(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A
+        if a is None or self.merged:
+            return out
+        update = F.linear(F.linear(self.dropout(x.to(a.dtype)), a), self.lora_B)
+        return out + (update * self.scaling).to(out.dtype)
+
+    # ---------------------------------------------------------------- deltas
+    def _adapter_delta(self) -> torch.Tensor | None:
+        """``s · B @ A`` in float32, ``(out, in)`` layout, or ``None`` without an adapter."""
+        if self.lora_A is None:
+            return None
+        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+
+    def _learned_delta(self) -> torch.Tensor | None:
+        """Everything the layer adds on top of its base weight, fp32 ``(out, in)``."""
+        return self._adapter_delta()
+
+    def _to_base_layout(self, linear_layout: torch.Tensor) -> torch.Tensor:
+        return linear_layout.T if self.fan_in_fan_out else linear_layout
+
+    def delta_weight(self) -> torch.Tensor:
+        """``ΔW = s·BA`` in the base weight's layout and dtype (zeros without an adapter)."""
+        delta = self._learned_delta()
+        if delta is None:
+            delta = torch.zeros(self.out_features, self.in_features, device=self._weight_device())
+        return self._to_base_layout(delta).to(self._weight_dtype())
+
+    def _check_finite(self, delta: torch.Tensor | None, action: str) -> None:
+        if delta is not None and not bool(torch.isfinite(delta).all()):
+            name = self.target.name if self.target is not None else type(self).__name__
+            raise ValueError(
+                f"cannot {action} layer {name!r}: its learned update contains NaN or inf, so the layer was "
+                "left unchanged. Lower the learning rate or use a GradScaler / gradient clipping, then "
+                "reset the adapter with set_mode(Mode.FROZEN) after restoring finite factors.")
+
+    def _add_to_base_weight(self, delta: torch.Tensor) -> None:
+        """``W ← W + ΔW`` in place (fp32 arithmetic, one rounding), keeping the Parameter's identity."""
+        w = self.base.weight
+        with torch.no_grad():
+            w.copy_((w.float() + self._to_base_layout(delta).to(w.device)).to(w.dtype))
+
+    # ---------------------------------------------------------------- merge for inference
+    def merge(self) -> None:
+        """Fold the adapter into the base weight for inference. Idempotent; undo with :meth:`unmerge`.
+
+        Raises ``ValueError`` (and changes nothing) if the update is not finite.
+        """
+        if self.merged:
+            return
+        delta = self._adapter_delta()
+        self._check_finite(delta, "merge")
+        if delta is not None:
+            self._add_to_base_weight(delta)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Take a merged adapter back out of the base weight. Idempotent."""
+        if not self.merged:
+            return
+        delta = self._adapter_delta()
+        if delta is not None:
+            self._add_to_base_weight(-delta)
+        self.merged = False
+
+    # ---------------------------------------------------------------- transitions
+    def set_mode(self, mode: Mode | str, rank: int | None = None) -> None:
+        """Switch to ``mode`` (and/or ``rank``) without changing the layer's function.
+
+        - LORA → FULL / FROZEN: ``s·BA`` is folded into the base weight, the adapter dropped.
+        - FULL / FROZEN → LORA: a fresh adapter with ``B = 0`` starts on the current weight.
+        - LORA rank ``r → r' > r``: ``A`` keeps its rows and gains fresh ones, ``B`` is rescaled
+          by ``s/s'`` and padded with zeros (exact). ``r' < r``: the adapter becomes the best
+          rank-``r'`` approximation of ``s·BA`` and the remainder is folded into the base weight.
+
+        The output is unchanged up to one floating-point rounding of the weight. A layer
+        whose update is not finite raises ``ValueError`` and is left as it was. A merged
+        layer is unmerged, transitioned and merged again.
+        """
+        mode = Mode.coerce(mode)
+        rank = self.rank if rank is None else rank
+        check_rank_alpha(rank, self.alpha)
+        if mode is self._mode and rank == self.rank:
+            return
+        was_merged = self.merged
+        self.unmerge()
+        try:
+            self._transition(mode, rank)
+        finally:
+            if was_merged:
+                self.merge()
+
+    def _transition(self, mode: Mode, rank: int) -> None:
+        delta = self._adapter_delta()
+        self._check_finite(delta, f"move to {mode.value} (rank {rank})")
+        if delta is not None:
+            if mode is not Mode.LORA:
+                self._add_to_base_weight(delta)
+                self._set_factors(None, None)
+            elif rank > self.rank:
+                self._set_factors(*grow_factors(self.lora_A, self.lora_B, self.scaling, rank,
+                                                lora_scaling(self.alpha, rank, self.rslora)))
+            elif rank < self.rank:
+                new_scaling = lora_scaling(self.alpha, rank, self.rslora)
+                svd = svd_of_product(self.lora_B.detach(), self.lora_A.detach(), self.scaling)
+                a, b, _ = factors_from_svd(svd, rank, new_scaling, dtype=self.lora_A.dtype,
+                                           device=self.lora_A.device)
+                self._add_to_base_weight(delta - (b.detach().float() @ a.detach().float()) * new_scaling)
+                self._set_factors(a, b)
+        self.rank = rank
+        if mode is Mode.LORA and self.lora_A is None:
+            self._set_factors(*fresh_factors(self.in_features, self.out_features, rank,
+                                             dtype=self._weight_dtype(), device=self._weight_device()))
+        for p in self.base.parameters():
+            p.requires_grad_(mode is Mode.FULL)
+        self._mode = mode
+
+    def _set_factors(self, a: nn.Parameter | None, b: nn.Parameter | None) -> None:
+        self.lora_A, self.lora_B = a, b
+
+    # ---------------------------------------------------------------- introspection
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` pairs that train in the current mode (names relative to this module)."""
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                yield name, p
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, mode={self._mode.value}, rank={self.rank}, "
+                f"alpha={self.alpha:g}, rslora={self.rslora}, merged={self.merged}")

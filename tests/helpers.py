@@ -1,0 +1,84 @@
+"""Small builders shared by the tests: a transformers-free Conv1D, tolerances, model snapshots."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D re-declared here (weight stored (in, out)), so core tests need no transformers."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.5)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)
+        return out.view(*x.shape[:-1], self.nf)
+
+
+def make_base(kind: str, in_features: int, out_features: int, *, bias: bool = True,
+              dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An ``nn.Linear`` or a ``Conv1D`` with unit-scale random weights."""
+    if kind == "conv1d":
+        module = Conv1D(out_features, in_features)
+        if not bias:
+            module.bias = None
+            module.forward = lambda x: (x.reshape(-1, x.size(-1)) @ module.weight).view(*x.shape[:-1], module.nf)
+    else:
+        module = nn.Linear(in_features, out_features, bias=bias)
+        with torch.no_grad():
+            module.weight.normal_(0, 0.5)
+    return module.to(dtype)
+
+
+def randomize_adapter(module: nn.Module, std: float = 0.5) -> None:
+    """Give the module a non-zero learned update, as training would (B starts at zero)."""
+    with torch.no_grad():
+        for name in ("lora_A", "lora_B", "delta"):
+            p = getattr(module, name, None)
+            if p is not None and p.requires_grad:
+                p.normal_(0, std)
+
+
+def abs_scale(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``|x| @ |W|ᵀ + s·(|x| @ |A|ᵀ) @ |B|ᵀ + |b|`` (+ ``|x| @ |D|ᵀ``): the magnitude every output
+    element's rounding error is proportional to (the classic dot-product error bound)."""
+    x = x.float().abs()
+    weight = dense_base_weight(module).abs()
+    scale = x @ weight.T
+    if getattr(module, "lora_A", None) is not None:
+        scale = scale + module.scaling * (x @ module.lora_A.detach().float().abs().T) @ module.lora_B.detach().float().abs().T
+    if getattr(module, "delta", None) is not None:
+        scale = scale + x @ module.delta.detach().float().abs().T
+    if module.bias is not None:
+        scale = scale + module.bias.detach().float().abs()
+    return scale
+
+
+def dense_base_weight(module: nn.Module) -> torch.Tensor:
+    """The frozen/base weight of an adapter module as fp32 ``(out, in)``."""
+    from adaptopt.quant import QuantLoRALinear, dequantize
+    if isinstance(module, QuantLoRALinear):
+        return dequantize(module.base).float()
+    w = module.base.weight.detach().float()
+    return w.T if module.fan_in_fan_out else w
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything an error must leave untouched: module types, tensors and requires_grad flags."""
+    return {
+        "types": [(name, type(m).__name__) for name, m in model.named_modules()],
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grad": {name: p.requires_grad for name, p in model.named_parameters()},
+    }
+
+
+def assert_same_snapshot(before: dict, after: dict) -> None:
+    assert before["types"] == after["types"]
+    assert before["grad"] == after["grad"]
+    assert before["tensors"].keys() == after["tensors"].keys()
+    for key, value in before["tensors"].items():
+        torch.testing.assert_close(after["tensors"][key], value, rtol=0, atol=0, equal_nan=True, msg=key)

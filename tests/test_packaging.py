@@ -1,0 +1,47 @@
+"""The package as users get it: core imports with torch alone; integrations ship as adaptopt.integrations."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, cwd: Path, **env: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", **env})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_core_imports_without_optional_dependencies(tmp_path):
+    code = ("import sys\n"
+            "for name in ('transformers', 'datasets', 'matplotlib', 'peft', 'bitsandbytes', 'yaml'):\n"
+            "    sys.modules[name] = None\n"
+            "import adaptopt, torch\n"
+            "m = adaptopt.LoRALinear(torch.nn.Linear(4, 4))\n"
+            "print(type(m).__name__, sorted(k for k, v in sys.modules.items() if v is not None and k.startswith('transformers')))")
+    assert run_python(code, tmp_path) == "LoRALinear []"
+
+
+def test_installed_package_exposes_integrations(tmp_path):
+    """The development (editable) install maps integrations/ to adaptopt.integrations."""
+    out = run_python("import adaptopt.integrations as i; print(i.__file__)", tmp_path)
+    assert Path(out) == ROOT / "integrations" / "__init__.py"
+
+
+def test_wheel_ships_integrations_inside_adaptopt(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("adaptopt-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "adaptopt/integrations/__init__.py" in names and "adaptopt/lora.py" in names
+    assert not any(name.startswith(("integrations/", "tests/")) for name in names)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    out = run_python("import adaptopt.integrations as i, adaptopt; print(adaptopt.__file__, i.__file__)", tmp_path,
+                     PYTHONPATH=str(target))
+    assert out == f"{target / 'adaptopt' / '__init__.py'} {target / 'adaptopt' / 'integrations' / '__init__.py'}"
