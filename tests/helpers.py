@@ -43,6 +43,18 @@ def randomize_adapter(module: nn.Module, std: float = 0.5) -> None:
                 p.normal_(0, std)
 
 
+def simulate_training(module: nn.Module) -> None:
+    """Change whatever trains in the current mode, as an optimizer step would."""
+    from adaptopt import Mode
+    with torch.no_grad():
+        if module.mode is Mode.LORA:
+            module.lora_A.add_(torch.randn_like(module.lora_A) * 0.3)
+            module.lora_B.add_(torch.randn_like(module.lora_B) * 0.3)
+        elif module.mode is Mode.FULL:
+            trained = module.delta if getattr(module, "delta", None) is not None else module.weight
+            trained.add_(torch.randn_like(trained) * 0.05)
+
+
 def abs_scale(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """``|x| @ |W|ᵀ + s·(|x| @ |A|ᵀ) @ |B|ᵀ + |b|`` (+ ``|x| @ |D|ᵀ``): the magnitude every output
     element's rounding error is proportional to (the classic dot-product error bound)."""

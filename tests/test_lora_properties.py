@@ -11,7 +11,7 @@ import torch
 from hypothesis import assume, given, strategies as st
 
 from adaptopt import LoRALinear, Mode
-from tests.helpers import abs_scale, dense_base_weight, make_base, randomize_adapter
+from tests.helpers import abs_scale, make_base, randomize_adapter, simulate_training
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -80,16 +80,6 @@ def test_merged_output_equals_unmerged_and_unmerge_restores(layer):
     assert ((module(x).float() - unmerged).abs() <= tolerance).all()
 
 
-def _simulate_training(module: LoRALinear) -> None:
-    """Change whatever trains in the current mode, as an optimizer step would."""
-    with torch.no_grad():
-        if module.mode is Mode.LORA:
-            module.lora_A.add_(torch.randn_like(module.lora_A) * 0.3)
-            module.lora_B.add_(torch.randn_like(module.lora_B) * 0.3)
-        elif module.mode is Mode.FULL:
-            module.weight.add_(torch.randn_like(module.weight) * 0.1)
-
-
 actions = st.lists(
     st.one_of(st.tuples(st.sampled_from(list(Mode)), st.integers(1, 10)), st.sampled_from(["merge", "unmerge"])),
     min_size=1, max_size=8)
@@ -100,7 +90,7 @@ def test_any_transition_sequence_preserves_the_function_fp32(layer, steps):
     module, x = layer
     weight_identity = module.base.weight
     for step in steps:
-        _simulate_training(module)
+        simulate_training(module)
         before = module(x)
         scale = abs_scale(x, module).amax(dim=-1, keepdim=True)
         if step == "merge":

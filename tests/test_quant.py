@@ -12,7 +12,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from adaptopt import LoRALinear, Mode, QuantLoRALinear  # noqa: E402
 from adaptopt.factors import factors_from_svd, svd_dense  # noqa: E402
 from adaptopt.quant import dequantize  # noqa: E402
-from tests.helpers import abs_scale, make_base, randomize_adapter  # noqa: E402
+from tests.helpers import abs_scale, make_base, randomize_adapter, simulate_training  # noqa: E402
 
 
 def expected_output(module: QuantLoRALinear, x: torch.Tensor) -> torch.Tensor:
@@ -28,15 +28,6 @@ def expected_output(module: QuantLoRALinear, x: torch.Tensor) -> torch.Tensor:
 
 def packed_state(module: QuantLoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
     return module.base.weight.data.clone(), module.base.weight.quant_state.absmax.clone()
-
-
-def _simulate_training(module: QuantLoRALinear) -> None:
-    with torch.no_grad():
-        if module.mode is Mode.LORA:
-            module.lora_A.add_(torch.randn_like(module.lora_A) * 0.3)
-            module.lora_B.add_(torch.randn_like(module.lora_B) * 0.3)
-        elif module.mode is Mode.FULL:
-            module.delta.add_(torch.randn_like(module.delta) * 0.05)
 
 
 @st.composite
@@ -63,7 +54,7 @@ def test_quant_transitions_preserve_function_except_documented_truncation(layer,
     module, x = layer
     packed, absmax = packed_state(module)
     for mode, rank in steps:
-        _simulate_training(module)
+        simulate_training(module)
         weight_before = module.dense_weight().double()
         output_before = module(x)
         singular_values = torch.linalg.svdvals(module.delta_weight().double())
