@@ -11,12 +11,27 @@ from .factors import lora_scaling
 from .inject import ARCHITECTURE_TARGETS, TargetInfo, find_adapters, inject_adapters, select_targets
 from .lora import LoRALinear
 from .modes import Mode
+from .optimizer import AdaptiveOptimizer
+from .policies import (
+    POLICIES, Fixed, Frozen, Full, LayerDecision, LayerView, LoRA, Policy, build_policy, register_policy,
+)
 from .quant import QuantConfig, QuantLoRALinear
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ARCHITECTURE_TARGETS",
+    "AdaptiveOptimizer",
+    "Fixed",
+    "Frozen",
+    "Full",
+    "LayerDecision",
+    "LayerView",
+    "LoRA",
+    "POLICIES",
+    "Policy",
+    "build_policy",
+    "register_policy",
     "LoRALinear",
     "Mode",
     "QuantConfig",

@@ -253,6 +253,17 @@ class LoRALinear(nn.Module):
         self.lora_A, self.lora_B = a, b
 
     # ---------------------------------------------------------------- introspection
+    def mode_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` pairs the current mode trains: ``lora_A, lora_B`` in LORA,
+        the weight (or 4-bit layers' dense ``delta``) and bias in FULL, none when FROZEN."""
+        if self._mode is Mode.LORA:
+            return [("lora_A", self.lora_A), ("lora_B", self.lora_B)]
+        if self._mode is Mode.FULL:
+            weight = ("delta", self.delta) if getattr(self, "delta", None) is not None else ("base.weight",
+                                                                                          self.base.weight)
+            return [weight] + ([("base.bias", self.base.bias)] if self.base.bias is not None else [])
+        return []
+
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` pairs that train in the current mode (names relative to this module)."""
         for name, p in self.named_parameters():

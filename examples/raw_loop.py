@@ -1,11 +1,11 @@
-"""A raw PyTorch loop with adaptopt's modules: inject LoRA, train, promote a block to FULL mid-run.
+"""A raw PyTorch loop with AdaptiveOptimizer: LoRA everywhere, then one block promoted to FULL mid-run.
 
 Runs in seconds on CPU with a tiny BERT built from a config (no download):
 
     python examples/raw_loop.py
 
-It shows the three things the foundation guarantees: injection does not change the
-model, ``set_mode`` does not change it either (only what trains), and a promoted layer
+It shows what the optimizer guarantees: a transition does not change the model (only
+what trains), the same optimizer and scheduler carry on across it, and a promoted layer
 really trains its base weight afterwards.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from adaptopt import Mode, inject_adapters
+from adaptopt import AdaptiveOptimizer, Mode
 
 
 def make_task(n: int, vocab: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,35 +43,30 @@ def main(steps: int = 120, promote_at: int = 60) -> dict[str, float]:
     train_x, train_y = make_task(2048, 32, 24, generator)
     test_x, test_y = make_task(512, 32, 24, generator)
 
-    adapters = inject_adapters(model, rank=8, alpha=16)  # query/key/value/dense of both blocks
-    for p in model.classifier.parameters():
-        p.requires_grad_(True)  # the new task head always trains
+    # injects LoRA (r=8) into query/key/value/dense; the classifier head trains by default
+    optimizer = AdaptiveOptimizer(model, lr=2e-3, lora_lr=2e-3, policy="lora", rank=8, alpha=16)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / (steps + 1))  # built once
+    adapters = optimizer.layers
     print(f"injected {len(adapters)} adapters; accuracy before training {accuracy(model, test_x, test_y):.3f}")
-
-    def make_optimizer() -> torch.optim.Optimizer:
-        # Issue 3's AdaptiveOptimizer keeps one optimizer across transitions; here we rebuild it.
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-
-    optimizer = make_optimizer()
-    promoted = [m for name, m in adapters.items() if m.block_index == 1]
-    watched = promoted[0].weight
+    promoted = [name for name, m in adapters.items() if m.block_index == 1]
+    watched = adapters[promoted[0]].weight
     for step in range(1, steps + 1):
         batch = torch.randint(0, len(train_x), (32,), generator=generator)
         loss = model(input_ids=train_x[batch], labels=train_y[batch]).loss
         loss.backward()
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step == promote_at:
             model.eval()
             with torch.no_grad():
                 before = model(input_ids=test_x[:64]).logits
-                for module in promoted:
-                    module.set_mode(Mode.FULL)  # folds s·BA into W; W now trains directly
+                optimizer.apply({name: Mode.FULL for name in promoted})  # folds s·BA into W; W trains now
                 change = (model(input_ids=test_x[:64]).logits - before).abs().max().item()
             model.train()
-            optimizer = make_optimizer()
             snapshot = watched.detach().clone()
             print(f"step {step}: block 1 → FULL ({len(promoted)} layers); max logit change {change:.1e}")
+            print(optimizer.summary())
         if step % 20 == 0:
             print(f"step {step:4d}  loss {loss.item():.4f}  test accuracy {accuracy(model, test_x, test_y):.3f}")
     moved = (watched - snapshot).abs().max().item()

@@ -1,0 +1,102 @@
+"""Per-layer statistics gathered by hooks, only on the steps a policy asks for.
+
+While armed, each target layer accumulates (on device, no host sync):
+
+- ``act_sq``: ``Σ x²`` and ``count`` over its inputs → ``act_rms = √(Σx² / count)``;
+- ``grad_sq``: ``‖δᵀx‖²_F``, the squared Frobenius norm of the gradient the *full* weight
+  would receive (``δ`` = gradient at the layer output), whatever the layer's mode. This
+  makes gradient scores comparable across FROZEN / LORA / FULL (DESIGN 3.3).
+
+Costs on an armed step: one extra ``(out × N) @ (N × in)`` matmul per layer in the
+backward pass (the size of a full weight gradient), and autograd through frozen layers
+(their inputs are made to require grad so ``δ`` exists everywhere). Disarmed: no hooks.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+class LayerStats:
+    """Running sums for one layer while the collector is armed."""
+
+    __slots__ = ("act_sq", "count", "grad_sq", "batches", "_input")
+
+    def __init__(self) -> None:
+        self.act_sq: torch.Tensor | float = 0.0
+        self.count = 0
+        self.grad_sq: torch.Tensor | float = 0.0
+        self.batches = 0
+        self._input: torch.Tensor | None = None
+
+
+class StatsCollector:
+    """Arms forward/backward hooks on ``modules``; :meth:`scores` turns the sums into scores."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.modules = dict(modules)
+        self.stats = {name: LayerStats() for name in self.modules}
+        self._handles: list[RemovableHandle] = []
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def arm(self) -> None:
+        if self.armed:
+            return
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for stats in self.stats.values():
+            stats._input = None
+
+    def reset(self) -> None:
+        self.stats = {name: LayerStats() for name in self.modules}
+
+    def _pre_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple):
+            x = args[0]
+            if torch.is_grad_enabled() and not x.requires_grad:
+                # a frozen layer below every trainable one: let δ reach it on scoring steps
+                return (x.detach().requires_grad_(True), *args[1:])
+            return None
+        return hook
+
+    def _forward_hook(self, name: str):
+        stats = self.stats[name]
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0].detach()
+            flat = x.reshape(-1, x.shape[-1]).float()
+            stats.act_sq = stats.act_sq + flat.square().sum()
+            stats.count += flat.numel()
+            if output.requires_grad:
+                def on_grad(grad: torch.Tensor, flat=flat) -> None:
+                    delta = grad.detach().reshape(-1, grad.shape[-1]).float()
+                    stats.grad_sq = stats.grad_sq + (delta.T @ flat).square().sum()
+                    stats.batches += 1
+                output.register_hook(on_grad)
+        return hook
+
+    def scores(self) -> dict[str, dict[str, float]]:
+        """``{"grad_norm": √(Σ‖δᵀx‖²/batches), "act_rms": √(Σx²/count)}`` per layer (one host sync)."""
+        names = list(self.stats)
+        sums = [torch.as_tensor(getattr(s, key), dtype=torch.float32).reshape(()).cpu()
+                for key in ("grad_sq", "act_sq") for s in self.stats.values()]
+        values = torch.stack(sums).tolist()
+        grad, act = values[:len(names)], values[len(names):]
+        result = {}
+        for i, name in enumerate(names):
+            s = self.stats[name]
+            result[name] = {"grad_norm": (grad[i] / max(s.batches, 1)) ** 0.5,
+                            "act_rms": (act[i] / max(s.count, 1)) ** 0.5}
+        return result
