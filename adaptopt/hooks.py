@@ -90,9 +90,10 @@ class StatsCollector:
     def scores(self) -> dict[str, dict[str, float]]:
         """``{"grad_norm": √(Σ‖δᵀx‖²/batches), "act_rms": √(Σx²/count)}`` per layer (one host sync)."""
         names = list(self.stats)
-        sums = [torch.as_tensor(getattr(s, key), dtype=torch.float32).reshape(()).cpu()
+        sums = [torch.as_tensor(getattr(s, key), dtype=torch.float32).reshape(())
                 for key in ("grad_sq", "act_sq") for s in self.stats.values()]
-        values = torch.stack(sums).tolist()
+        device = next((t.device for t in sums if t.device.type != "cpu"), torch.device("cpu"))
+        values = torch.stack([t.to(device) for t in sums]).tolist()  # one host sync for all layers
         grad, act = values[:len(names)], values[len(names):]
         result = {}
         for i, name in enumerate(names):

@@ -306,3 +306,23 @@ def test_summary_table_lists_every_layer_and_totals():
     text = opt.summary()
     assert "bert.encoder.layer.1.output.dense" in text and "layers: 0 full, 6 lora, 6 frozen" in text
     assert f"{opt.trainable_parameter_count():,}" in text
+
+
+def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
+    torch.manual_seed(0)
+    model = tiny_bert()
+    reference = copy.deepcopy(model)
+    torch.manual_seed(1)  # same fresh adapter factors in both
+    opt = AdaptiveOptimizer(model, lr=1e-2, policy=Fixed({"layer.0": "full"}, default="lora"), rank=2)
+    torch.manual_seed(1)
+    ref_opt = AdaptiveOptimizer(reference, lr=1e-2, policy=Fixed({"layer.0": "full"}, default="lora"), rank=2)
+    tokens = token_batch(batch=4, seed=3)
+    labels = torch.tensor([0, 1, 1, 0])
+    for half in (slice(0, 2), slice(2, 4)):  # two micro-batches, losses averaged by hand
+        (model(input_ids=tokens[half], labels=labels[half]).loss / 2).backward()
+    opt.step()
+    reference(input_ids=tokens, labels=labels).loss.backward()
+    ref_opt.step()
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, ref_params[name], rtol=1e-5, atol=1e-6, msg=name)
