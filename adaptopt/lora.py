@@ -165,8 +165,8 @@ class LoRALinear(nn.Module):
             name = self.target.name if self.target is not None else type(self).__name__
             raise ValueError(
                 f"cannot {action} layer {name!r}: its learned update contains NaN or inf, so the layer was "
-                "left unchanged. Lower the learning rate or use a GradScaler / gradient clipping, then "
-                "reset the adapter with set_mode(Mode.FROZEN) after restoring finite factors.")
+                "left unchanged. Lower the learning rate or clip gradients, and restore finite factors "
+                "(e.g. from a checkpoint) before retrying.")
 
     def _add_to_base_weight(self, delta: torch.Tensor) -> None:
         """``W ← W + ΔW`` in place (fp32 arithmetic, one rounding), keeping the Parameter's identity."""

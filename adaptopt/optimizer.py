@@ -207,11 +207,9 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             raise ValueError(f"decisions name unknown layers {unknown[:8]}; layers are named as in opt.layers")
         changing = {name: d for name, d in decisions.items()
                     if (d.mode, d.rank or self.layers[name].rank) != (self.layers[name].mode, self.layers[name].rank)}
-        for name in changing:  # check everything first: a failed decision changes nothing
-            delta = self.layers[name]._learned_delta()
-            if delta is not None and not bool(torch.isfinite(delta).all()):
-                raise ValueError(f"cannot transition layer {name!r}: its learned update contains NaN or inf; "
-                                 "nothing was changed. Lower the learning rate or clip gradients.")
+        for name, decision in changing.items():  # check every layer first: a failed decision changes nothing
+            module = self.layers[name]
+            module._check_finite(module._learned_delta(), f"move to {decision.mode.value}")
         for name, decision in decisions.items():
             module = self.layers[name]
             before = (module.mode, module.rank, self.lr_scales[name])

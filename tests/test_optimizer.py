@@ -326,3 +326,15 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
     ref_params = dict(reference.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, ref_params[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_decision_touching_a_non_finite_layer_changes_no_layer():
+    opt = AdaptiveOptimizer(tiny_bert(), lr=1e-3, policy="lora", rank=2)
+    names = list(opt.layers)
+    with torch.no_grad():
+        opt.layers[names[1]].lora_B.fill_(float("nan"))
+    before = snapshot(opt.model)
+    with pytest.raises(ValueError, match=f"cannot move to full layer '{names[1]}'.*NaN or inf"):
+        opt.apply({names[0]: Mode.FULL, names[1]: Mode.FULL})
+    assert_same_snapshot(before, snapshot(opt.model))
+    assert opt.layers[names[0]].mode is Mode.LORA
