@@ -20,17 +20,25 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 
+def _inputs_require_grad(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: a frozen layer below every trainable one gets an input that requires
+    grad, so that ``δ`` reaches it on scoring steps (its input is a leaf: nothing upstream trains)."""
+    x = args[0]
+    if torch.is_grad_enabled() and not x.requires_grad:
+        return (x.detach().requires_grad_(True), *args[1:])
+    return None
+
+
 class LayerStats:
     """Running sums for one layer while the collector is armed."""
 
-    __slots__ = ("act_sq", "count", "grad_sq", "batches", "_input")
+    __slots__ = ("act_sq", "count", "grad_sq", "batches")
 
     def __init__(self) -> None:
         self.act_sq: torch.Tensor | float = 0.0
         self.count = 0
         self.grad_sq: torch.Tensor | float = 0.0
         self.batches = 0
-        self._input: torch.Tensor | None = None
 
 
 class StatsCollector:
@@ -49,27 +57,16 @@ class StatsCollector:
         if self.armed:
             return
         for name, module in self.modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
+            self._handles.append(module.register_forward_pre_hook(_inputs_require_grad))
             self._handles.append(module.register_forward_hook(self._forward_hook(name)))
 
     def disarm(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for stats in self.stats.values():
-            stats._input = None
 
     def reset(self) -> None:
         self.stats = {name: LayerStats() for name in self.modules}
-
-    def _pre_hook(self, name: str):
-        def hook(module: nn.Module, args: tuple):
-            x = args[0]
-            if torch.is_grad_enabled() and not x.requires_grad:
-                # a frozen layer below every trainable one: let δ reach it on scoring steps
-                return (x.detach().requires_grad_(True), *args[1:])
-            return None
-        return hook
 
     def _forward_hook(self, name: str):
         stats = self.stats[name]
