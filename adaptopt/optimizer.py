@@ -26,6 +26,7 @@ from .inject import Targets, find_adapters, inject_adapters
 from .lora import LoRALinear
 from .modes import Mode
 from .policies import LayerDecision, LayerView, Policy, build_policy, name_matches
+from .quant import QuantLoRALinear
 
 TASK_HEADS = ("classifier", "score")
 LORA_LR_MULTIPLE = 10.0
@@ -127,7 +128,6 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ views
     def views(self) -> dict[str, LayerView]:
         """What a policy sees of each layer."""
-        from .quant import QuantLoRALinear
         views = {}
         for name, m in self.layers.items():
             t = m.target
@@ -345,7 +345,6 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         """Modes, ranks, LR scales, scores, history, group hyper-parameters and Adam state,
         keyed by parameter *name* (plain types and tensors only: loads with weights_only)."""
         names = {p: n for n, p in self.model.named_parameters()}
-        from .quant import QuantLoRALinear
         return {
             "format": STATE_FORMAT,
             "step": self.step_count,

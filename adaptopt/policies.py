@@ -51,14 +51,6 @@ class LayerView:
     out_features: int
     quantized: bool
 
-    def lora_parameters(self, rank: int | None = None) -> int:
-        """Trainable parameters of this layer as a rank-``rank`` adapter: ``r·(in + out)``."""
-        return (self.rank if rank is None else rank) * (self.in_features + self.out_features)
-
-    @property
-    def full_parameters(self) -> int:
-        return self.in_features * self.out_features
-
 
 Scores = Mapping[str, Mapping[str, float]]
 
