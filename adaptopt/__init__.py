@@ -13,14 +13,23 @@ from .lora import LoRALinear
 from .modes import Mode
 from .optimizer import AdaptiveOptimizer
 from .policies import (
-    POLICIES, Fixed, Frozen, Full, LayerDecision, LayerView, LoRA, Policy, build_policy, register_policy,
+    POLICIES, ALoRS, AutoMode, BitFit, Fixed, Frozen, Full, LayerDecision, LayerView, LayerwiseLR, LoRA, Policy,
+    QLoRA, RankAllocation, Spectrum, TopK, build_policy, register_policy,
 )
 from .quant import QuantConfig, QuantLoRALinear
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALoRS",
     "ARCHITECTURE_TARGETS",
+    "AutoMode",
+    "BitFit",
+    "LayerwiseLR",
+    "QLoRA",
+    "RankAllocation",
+    "Spectrum",
+    "TopK",
     "AdaptiveOptimizer",
     "Fixed",
     "Frozen",

@@ -2,7 +2,8 @@
 
 While armed, each target layer accumulates (on device, no host sync):
 
-- ``act_sq``: ``Σ x²`` and ``count`` over its inputs → ``act_rms = √(Σx² / count)``;
+- ``act_sq``, ``act_abs``: ``Σ x²``, ``Σ |x|`` and ``count`` over its inputs →
+  ``act_rms = √(Σx² / count)``, ``act_mean_abs = Σ|x| / count``;
 - ``grad_sq``: ``‖δᵀx‖²_F``, the squared Frobenius norm of the gradient the *full* weight
   would receive (``δ`` = gradient at the layer output), whatever the layer's mode. This
   makes gradient scores comparable across FROZEN / LORA / FULL (DESIGN 3.3).
@@ -32,10 +33,11 @@ def _inputs_require_grad(module: nn.Module, args: tuple) -> tuple | None:
 class LayerStats:
     """Running sums for one layer while the collector is armed."""
 
-    __slots__ = ("act_sq", "count", "grad_sq", "batches")
+    __slots__ = ("act_sq", "act_abs", "count", "grad_sq", "batches")
 
     def __init__(self) -> None:
         self.act_sq: torch.Tensor | float = 0.0
+        self.act_abs: torch.Tensor | float = 0.0
         self.count = 0
         self.grad_sq: torch.Tensor | float = 0.0
         self.batches = 0
@@ -75,6 +77,7 @@ class StatsCollector:
             x = args[0].detach()
             flat = x.reshape(-1, x.shape[-1]).float()
             stats.act_sq = stats.act_sq + flat.square().sum()
+            stats.act_abs = stats.act_abs + flat.abs().sum()
             stats.count += flat.numel()
             if output.requires_grad:
                 def on_grad(grad: torch.Tensor, flat=flat) -> None:
@@ -85,16 +88,19 @@ class StatsCollector:
         return hook
 
     def scores(self) -> dict[str, dict[str, float]]:
-        """``{"grad_norm": √(Σ‖δᵀx‖²/batches), "act_rms": √(Σx²/count)}`` per layer (one host sync)."""
+        """``{"grad_norm": √(Σ‖δᵀx‖²/batches), "act_rms": √(Σx²/count), "act_mean_abs": Σ|x|/count}``
+        per layer (one host sync for all of them)."""
         names = list(self.stats)
         sums = [torch.as_tensor(getattr(s, key), dtype=torch.float32).reshape(())
-                for key in ("grad_sq", "act_sq") for s in self.stats.values()]
+                for key in ("grad_sq", "act_sq", "act_abs") for s in self.stats.values()]
         device = next((t.device for t in sums if t.device.type != "cpu"), torch.device("cpu"))
         values = torch.stack([t.to(device) for t in sums]).tolist()  # one host sync for all layers
-        grad, act = values[:len(names)], values[len(names):]
+        k = len(names)
+        grad, act, act_abs = values[:k], values[k:2 * k], values[2 * k:]
         result = {}
         for i, name in enumerate(names):
             s = self.stats[name]
             result[name] = {"grad_norm": (grad[i] / max(s.batches, 1)) ** 0.5,
-                            "act_rms": (act[i] / max(s.count, 1)) ** 0.5}
+                            "act_rms": (act[i] / max(s.count, 1)) ** 0.5,
+                            "act_mean_abs": act_abs[i] / max(s.count, 1)}
         return result

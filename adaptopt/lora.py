@@ -160,6 +160,17 @@ class LoRALinear(nn.Module):
             delta = torch.zeros(self.out_features, self.in_features, device=self._weight_device())
         return self._to_base_layout(delta).to(self._weight_dtype())
 
+    def effective_weight(self) -> torch.Tensor:
+        """The weight this layer computes with, ``W + s·BA`` (or ``W + D``), fp32 ``(out, in)``.
+
+        Used by the weight-only scores (SNR, SVD / CE / CS, norms) whatever the mode.
+        """
+        with torch.no_grad():
+            weight = self.base.weight.detach().float()
+            weight = weight.T if self.fan_in_fan_out else weight
+            delta = None if self.merged else self._learned_delta()
+            return weight if delta is None else weight + delta
+
     def _check_finite(self, delta: torch.Tensor | None, action: str) -> None:
         if delta is not None and not bool(torch.isfinite(delta).all()):
             name = self.target.name if self.target is not None else type(self).__name__

@@ -27,11 +27,18 @@ from .lora import LoRALinear
 from .modes import Mode
 from .policies import LayerDecision, LayerView, Policy, build_policy, name_matches
 from .quant import QuantLoRALinear
+from .scores import weight_scores
 
 TASK_HEADS = ("classifier", "score")
 LORA_LR_MULTIPLE = 10.0
 STATE_FORMAT = "adaptopt.AdaptiveOptimizer/1"
 NONFINITE = ("skip", "raise", "ignore")
+
+
+def _from_families(key: str, families: Iterable[str]) -> bool:
+    """Does score ``key`` (e.g. ``"svd_raw"``, ``"signal_fraction_compat"``) belong to one of ``families``?"""
+    from .scores import FAMILY_KEYS
+    return any(key in FAMILY_KEYS[f] for f in families)
 
 
 def _plain(value: Any) -> Any:
@@ -94,7 +101,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
 
         self.model = model
         self.layers: dict[str, LoRALinear] = find_adapters(model) or inject_adapters(
-            model, targets, rank, alpha, dropout=dropout, rslora=rslora, quantize=quantize)
+            model, targets, rank, alpha, dropout=dropout, rslora=rslora,
+            quantize=quantize if quantize is not None else self.policy.quantize)
         self.lr, self.lora_lr = float(lr), float(lora_lr)
         self.train_other = bool(train_other)
         self.trainable_patterns = tuple(trainable) + tuple(self.policy.trainable_extra())
@@ -106,6 +114,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self.lr_scales = {name: 1.0 for name in self.layers}
         self.scores: dict[str, dict[str, float]] = {name: {} for name in self.layers}
         self.history: list[dict[str, Any]] = []
+        self.score_log: list[dict[str, Any]] = []
         self.last_check: dict[str, Any] = {}
 
         self._roles: list[tuple[str, str | None]] = [("other", None)]
@@ -122,7 +131,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self.defaults = self.inner.defaults  # betas etc., which OneCycleLR looks for
 
         self.collector = StatsCollector(self.layers)
-        self._apply(self.policy.initial(self.views()), reason="initial")
+        self._refresh_weight_scores(0)
+        self._apply(self.policy.initial(self.views(), self.scores), reason="initial")
         self._arm_for(1)
 
     # ------------------------------------------------------------------ views
@@ -150,6 +160,10 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         With ``nonfinite="skip"`` a step whose gradients hold NaN/inf changes no weight and
         triggers no transition; it only counts ``skipped_steps``.
         """
+        if self.steps_per_epoch is None and self.policy.needs_epochs():
+            raise ValueError(f"policy {self.policy.method!r} counts in epochs: pass steps_per_epoch= to "
+                             "AdaptiveOptimizer (or set opt.steps_per_epoch; the HF Trainer callback does it); "
+                             "nothing was updated")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -183,11 +197,24 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         """Ask the policy now (normally called by :meth:`step` at its decision points)."""
         collected = self.collector.scores() if any(s.count for s in self.collector.stats.values()) else {}
         for name, values in collected.items():
-            self.scores[name] = dict(values)
-        decisions = self.policy.decide(self.views(), self.scores, self.step_count)
+            self.scores[name].update(values)
+        self._refresh_weight_scores(self.step_count)
+        decisions = self.policy.decide(self.views(), self.scores, self.step_count, self.steps_per_epoch)
         self._apply(decisions, reason="decision")
         self.collector.reset()
         return decisions
+
+    def _refresh_weight_scores(self, step: int) -> None:
+        """Compute the weight-only score families the policy needs at ``step`` into ``scores``
+        (replacing that family's previous values), and log every layer's scores."""
+        families = self.policy.weight_scores(step, self.steps_per_epoch)
+        if families:
+            fresh = weight_scores(self.layers, families)
+            for name, values in fresh.items():
+                self.scores[name] = {k: v for k, v in self.scores[name].items() if not _from_families(k, families)}
+                self.scores[name].update(values)
+        if families or step > 0:
+            self.score_log.append({"step": step, "scores": {k: dict(v) for k, v in self.scores.items()}})
 
     def _arm_for(self, step: int) -> None:
         if self.policy.wants_stats(step, self.steps_per_epoch):
@@ -354,6 +381,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                        for name, m in self.layers.items()},
             "scores": {k: dict(v) for k, v in self.scores.items()},
             "history": [dict(h) for h in self.history],
+            "score_log": [dict(e) for e in self.score_log],
             "groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
             "roles": [list(r) for r in self._roles],
             "state": {names[p]: dict(s) for p, s in self.inner.state.items()},
@@ -389,6 +417,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self.scores = {name: dict(state_dict["scores"].get(name, {})) for name in self.layers}
         self.history = [dict(h) for h in state_dict["history"]]
+        self.score_log = [dict(e) for e in state_dict.get("score_log", [])]
         self.check_consistency()
         self._arm_for(self.step_count + 1)
 

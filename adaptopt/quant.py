@@ -167,6 +167,13 @@ class QuantLoRALinear(LoRALinear):
         delta = self._learned_delta()
         return self._to_base_layout(weight if delta is None else weight + delta)
 
+    def effective_weight(self) -> torch.Tensor:
+        """``deq(Q) + ΔW``, fp32 ``(out, in)`` (the merged inference copy is never read)."""
+        with torch.no_grad():
+            weight = dequantize(self.base).float()
+            delta = self._learned_delta()
+            return weight if delta is None else weight + delta
+
     # ---------------------------------------------------------------- merge for inference
     def merge(self) -> None:
         """Build a dense inference weight ``deq(Q) + ΔW`` (``Q`` untouched). Idempotent."""

@@ -18,7 +18,7 @@ class EveryThirdStep(Policy):
     def __init__(self) -> None:
         self.seen: list[dict] = []
 
-    def initial(self, layers):
+    def initial(self, layers, scores):
         from adaptopt import LayerDecision
         return {name: LayerDecision(Mode.FROZEN if "layer.0" in name else Mode.LORA) for name in layers}
 
@@ -28,7 +28,7 @@ class EveryThirdStep(Policy):
     def is_decision_step(self, step, steps_per_epoch):
         return step % 3 == 0
 
-    def decide(self, layers, scores, step):
+    def decide(self, layers, scores, step, steps_per_epoch):
         self.seen.append({"step": step, "scores": {k: dict(v) for k, v in scores.items()}})
         return {}
 

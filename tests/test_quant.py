@@ -98,7 +98,8 @@ def test_quant_merge_matches_unmerged_and_is_reversible(layer):
     module.merge()
     module.merge()
     merged = module(x)
-    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    bound = 1e-6 * abs_scale(x, module).amax(dim=-1, keepdim=True) + 1e-30  # the fp32 dot-product error bound
+    assert ((merged - unmerged).abs() <= bound).all(), float(((merged - unmerged).abs() / bound).max())
     assert torch.equal(module.base.weight.data, packed)  # merging never re-quantizes
     module.unmerge()
     module.unmerge()

@@ -1,0 +1,195 @@
+"""The policy protocol: pure functions from layer scores and current states to target states.
+
+A policy never touches the model. :class:`~adaptopt.AdaptiveOptimizer` asks it
+
+- ``weight_scores(0, steps_per_epoch)`` and then ``initial(layers, scores)`` once, for the
+  assignment to start from (with the weight-only score families it asked for computed);
+- ``wants_stats(step, steps_per_epoch)`` before each step, to arm the statistics hooks
+  (gradient importance, activation magnitudes) only on the steps it needs;
+- ``is_decision_step(step, steps_per_epoch)`` after each update, and if so computes the
+  families of ``weight_scores(step, steps_per_epoch)`` and calls
+  ``decide(layers, scores, step, steps_per_epoch)``, whose result it applies as transitions.
+
+``initial`` / ``decide`` return a :class:`LayerDecision` per layer to change; layers left out
+keep their state. ``step`` counts completed optimizer steps (the first decision can come
+after step 1). Every policy can be built from a mapping with :func:`build_policy`
+(``{"method": "automode", "u": 6, "t": 10}``), unknown methods and keys rejected by name.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping
+
+from ..modes import Mode
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """What a layer should become: a mode, optionally a rank and an LR scale (``None`` = keep)."""
+
+    mode: Mode
+    rank: int | None = None
+    lr_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode.coerce(self.mode))
+        if self.lr_scale is not None and not self.lr_scale >= 0:
+            raise ValueError(f"lr_scale must be ≥ 0, got {self.lr_scale!r}")
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """What a policy may read about one target layer."""
+
+    name: str
+    block_name: str | None
+    block_index: int | None
+    layer_type: str
+    mode: Mode
+    rank: int
+    lr_scale: float
+    in_features: int
+    out_features: int
+    quantized: bool
+
+
+Scores = Mapping[str, Mapping[str, float]]
+
+
+class Policy:
+    """Base class with the defaults of a static policy: one initial assignment, no decisions,
+    no statistics. Subclasses override what they need.
+
+    ``quantize`` (``None``, ``"nf4"``, a :class:`~adaptopt.QuantConfig`, ...) is the 4-bit
+    base the policy wants when the optimizer injects the adapters (QLoRA, ALoRS); an
+    explicit ``AdaptiveOptimizer(quantize=...)`` wins.
+    """
+
+    method: ClassVar[str] = ""
+    quantize: Any = None
+
+    def initial(self, layers: Mapping[str, LayerView], scores: Scores) -> dict[str, LayerDecision]:
+        return {}
+
+    def weight_scores(self, step: int, steps_per_epoch: int | None) -> tuple[str, ...]:
+        """Weight-only score families (:data:`adaptopt.scores.WEIGHT_FAMILIES`) needed at ``step``
+        (0 = before ``initial``)."""
+        return ()
+
+    def wants_stats(self, step: int, steps_per_epoch: int | None) -> bool:
+        return False
+
+    def is_decision_step(self, step: int, steps_per_epoch: int | None) -> bool:
+        return False
+
+    def decide(self, layers: Mapping[str, LayerView], scores: Scores, step: int,
+               steps_per_epoch: int | None) -> dict[str, LayerDecision]:
+        return {}
+
+    def needs_epochs(self) -> bool:
+        """True if the policy counts in epochs, so the optimizer needs ``steps_per_epoch``."""
+        return False
+
+    def trainable_extra(self) -> tuple[str, ...]:
+        """Name patterns of non-target parameters this policy trains (e.g. BitFit's biases)."""
+        return ()
+
+    def config(self) -> dict[str, Any]:
+        """The mapping :func:`build_policy` rebuilds this policy from."""
+        params = inspect.signature(type(self).__init__).parameters
+        return {"method": self.method, **{name: getattr(self, name) for name in params if name != "self"}}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "method")
+        return f"{type(self).__name__}({args})"
+
+
+def name_matcher(pattern: str) -> Callable[[str], bool]:
+    """A predicate: does the regex ``pattern`` fullmatch a run of a name's dotted components?"""
+    regex = re.compile(pattern)
+
+    def matches(name: str) -> bool:
+        parts = name.split(".")
+        return any(regex.fullmatch(".".join(parts[i:j])) for i in range(len(parts))
+                   for j in range(i + 1, len(parts) + 1))
+    return matches
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """True if the regex ``pattern`` fullmatches a run of ``name``'s dotted components
+    (``"classifier"`` matches ``classifier.dense.weight``; ``"bias"`` matches ``…LayerNorm.bias``)."""
+    return name_matcher(pattern)(name)
+
+
+def percent_count(percent: float, n: int) -> int:
+    """How many of ``n`` items are "the top ``percent`` %": ``⌈n·p/100⌉`` (at least one item for
+    any ``p > 0``, so ``t=10`` over 6 blocks promotes one block, not none)."""
+    return min(n, math.ceil(n * percent / 100 - 1e-9)) if percent > 0 else 0
+
+
+def check_percent(label: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        raise ValueError(f"{label} is a percentage in [0, 100], got {value!r}")
+    return float(value)
+
+
+def check_positive_int(label: str, value: Any, allow_none: bool = False) -> Any:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{label} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
+def position_in_epoch(step: int, steps_per_epoch: int) -> int:
+    """``1 … steps_per_epoch``: where completed step ``step`` (1-based) falls in its epoch."""
+    return (step - 1) % steps_per_epoch + 1
+
+
+def evenly_spaced(steps_per_epoch: int, per_epoch: int) -> frozenset[int]:
+    """Positions within an epoch of ``per_epoch`` evenly spaced events, the last at the epoch's
+    end: ``⌊k·E/u⌋`` for ``k = 1 … u`` (every step when ``u ≥ E``)."""
+    return frozenset(max(1, k * steps_per_epoch // per_epoch) for k in range(1, per_epoch + 1))
+
+
+def require_epochs(policy: "Policy", steps_per_epoch: int | None) -> int:
+    if steps_per_epoch is None:
+        raise ValueError(f"policy {policy.method!r} counts in epochs: pass steps_per_epoch= to AdaptiveOptimizer "
+                         "(len(train_dataloader) // gradient_accumulation_steps), or use the HF Trainer callback")
+    return steps_per_epoch
+
+
+POLICIES: dict[str, type[Policy]] = {}
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    """Make ``cls`` buildable by its ``method`` name (a class decorator)."""
+    POLICIES[cls.method] = cls
+    return cls
+
+
+def build_policy(spec: "Policy | str | Mapping[str, Any]") -> Policy:
+    """A policy from an instance, a method name (``"lora"``) or a mapping
+    (``{"method": "lora", "rank": 16}``). Unknown methods and keys are rejected by name."""
+    if isinstance(spec, Policy):
+        return spec
+    if isinstance(spec, type) and issubclass(spec, Policy):
+        return spec()
+    if isinstance(spec, str):
+        spec = {"method": spec}
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"policy must be a Policy, a method name or a mapping, got {type(spec).__name__}")
+    options = dict(spec)
+    method = str(options.pop("method", "")).lower()
+    if method not in POLICIES:
+        raise ValueError(f"unknown policy method {method!r}: choose one of {sorted(POLICIES)}")
+    cls = POLICIES[method]
+    params = inspect.signature(cls.__init__).parameters
+    accepted = [n for n in params if n != "self"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for policy {method!r}: accepted are {accepted}")
+    return cls(**options)

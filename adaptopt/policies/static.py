@@ -1,0 +1,124 @@
+"""Static policies: one assignment at the start, no decisions, no statistics.
+
+The baselines of the seeds: ``Full``, ``LoRA(r)``, ``QLoRA(r)`` (seed 002), ``BitFit`` and
+``TopK(k)`` (seed 000), plus ``Frozen`` and a hand-written ``Fixed`` assignment.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+from ..modes import Mode
+from .base import LayerDecision, LayerView, Policy, Scores, check_positive_int, name_matcher, register_policy
+
+
+class Uniform(Policy):
+    """Every target layer in one mode, from the start, forever."""
+
+    mode: ClassVar[Mode]
+
+    def __init__(self, rank: int | None = None) -> None:
+        self.rank = check_positive_int("rank", rank, allow_none=True)
+
+    def initial(self, layers: Mapping[str, LayerView], scores: Scores) -> dict[str, LayerDecision]:
+        return {name: LayerDecision(self.mode, self.rank) for name in layers}
+
+
+@register_policy
+class Full(Uniform):
+    """Full fine-tuning of every target layer (and, through blocks, their norms and biases)."""
+
+    method = "full"
+    mode = Mode.FULL
+
+
+@register_policy
+class LoRA(Uniform):
+    """LoRA on every target layer at ``rank`` (``None``: the optimizer's ``rank``)."""
+
+    method = "lora"
+    mode = Mode.LORA
+
+
+@register_policy
+class Frozen(Uniform):
+    """Every target layer frozen (only non-target parameters such as heads train)."""
+
+    method = "frozen"
+    mode = Mode.FROZEN
+
+
+@register_policy
+class QLoRA(LoRA):
+    """LoRA at ``rank`` over a 4-bit base: the optimizer quantizes the targets with ``quantize``
+    (``"nf4"`` default, ``"fp4"``, or a :class:`~adaptopt.QuantConfig` mapping) when it injects."""
+
+    method = "qlora"
+
+    def __init__(self, rank: int | None = None, quantize: Any = "nf4") -> None:
+        super().__init__(rank)
+        self.quantize = quantize
+
+
+@register_policy
+class BitFit(Frozen):
+    """BitFit (Ben Zaken et al., 2022): every weight frozen; all biases and the task head train."""
+
+    method = "bitfit"
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def trainable_extra(self) -> tuple[str, ...]:
+        return ("bias",)
+
+
+@register_policy
+class TopK(Policy):
+    """The last ``k`` transformer blocks FULL (all their parameters), everything else frozen."""
+
+    method = "topk"
+
+    def __init__(self, k: int = 1) -> None:
+        self.k = check_positive_int("k", k)
+
+    def initial(self, layers: Mapping[str, LayerView], scores: Scores) -> dict[str, LayerDecision]:
+        blocks = sorted({v.block_index for v in layers.values() if v.block_index is not None})
+        if not blocks:
+            raise ValueError("TopK needs target layers inside numbered blocks (e.g. 'encoder.layer.3.…'); "
+                             "this model's targets have no block index")
+        top = set(blocks[-self.k:])
+        return {name: LayerDecision(Mode.FULL if v.block_index in top else Mode.FROZEN)
+                for name, v in layers.items()}
+
+
+@register_policy
+@dataclass
+class Fixed(Policy):
+    """A fixed per-layer assignment: ``{pattern: mode | (mode, rank) | LayerDecision}``.
+
+    Patterns are regexes matched like :func:`~adaptopt.policies.name_matches`; the first
+    matching entry wins, and layers no entry matches get ``default``.
+    """
+
+    assignment: Mapping[str, Any] = field(default_factory=dict)
+    default: Mode | str = Mode.FROZEN
+    method: ClassVar[str] = "fixed"
+
+    def __post_init__(self) -> None:
+        self._rules = [(name_matcher(p), self._decision(v)) for p, v in self.assignment.items()]
+        self._default = self._decision(self.default)
+
+    @staticmethod
+    def _decision(value: Any) -> LayerDecision:
+        if isinstance(value, LayerDecision):
+            return value
+        if isinstance(value, (tuple, list)):
+            return LayerDecision(*value)
+        return LayerDecision(Mode.coerce(value))
+
+    def initial(self, layers: Mapping[str, LayerView], scores: Scores) -> dict[str, LayerDecision]:
+        return {name: next((d for matches, d in self._rules if matches(name)), self._default) for name in layers}
+
+    def config(self) -> dict[str, Any]:
+        return {"method": self.method, "assignment": dict(self.assignment), "default": self.default}
