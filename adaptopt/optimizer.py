@@ -217,7 +217,9 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             self.score_log.append({"step": step, "scores": {k: dict(v) for k, v in self.scores.items()}})
 
     def _arm_for(self, step: int) -> None:
-        if self.policy.wants_stats(step, self.steps_per_epoch):
+        if self.steps_per_epoch is None and self.policy.needs_epochs():
+            self.collector.disarm()  # not known yet (the HF callback sets it at train start); step() insists
+        elif self.policy.wants_stats(step, self.steps_per_epoch):
             self.collector.arm()
         else:
             self.collector.disarm()

@@ -71,7 +71,8 @@ def test_quant_transitions_preserve_function_except_documented_truncation(layer,
         if expected_error == 0.0:
             bound = 1e-6 * abs_scale(x, module).amax(dim=-1, keepdim=True) + 1e-30
             assert ((module(x) - output_before).abs() <= bound).all()
-        torch.testing.assert_close(module(x).double(), expected_output(module, x), rtol=1e-5, atol=1e-5)
+        reference_gap = (module(x).double() - expected_output(module, x)).abs()
+        assert (reference_gap <= 1e-6 * abs_scale(x, module).amax(dim=-1, keepdim=True) + 1e-30).all()
         _assert_representation(module)
         assert torch.equal(module.base.weight.data, packed)
         assert torch.equal(module.base.weight.quant_state.absmax, absmax)

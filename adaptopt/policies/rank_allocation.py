@@ -26,8 +26,9 @@ def allocate_ranks(weights: Mapping[str, float], costs: Mapping[str, int], budge
                    max_ranks: Mapping[str, int] | None = None) -> dict[str, int]:
     """Integer ranks ``≈ c·w`` whose cost ``Σ r·cost`` is as close to ``budget`` as the bounds allow.
 
-    ``c`` is found by bisection on the clamped continuous ranks, the rounding error is then
-    repaired one rank at a time where it helps most. Raises ``ValueError`` if the result is
+    ``c`` is found by bisection on the clamped continuous ranks; the rounding error is then
+    repaired by single ±1 moves (or a +1/−1 pair when no single move helps), each the one
+    that strays least from the ideal ranks. Raises ``ValueError`` if the result is
     more than 2 % off ``budget`` (bounds too tight for it).
     """
     names = list(weights)
@@ -53,25 +54,33 @@ def allocate_ranks(weights: Mapping[str, float], costs: Mapping[str, int], budge
         lo, hi = (mid, hi) if cost(continuous(mid)) < budget else (lo, mid)
     ideal = continuous(hi)
     ranks = {n: int(min(max(round(ideal[n]), low[n]), caps[n])) for n in names}
-    while True:
-        gap = budget - cost(ranks)
-        if gap > 0:
-            candidates = [n for n in names if ranks[n] < caps[n] and abs(gap - costs[n]) < abs(gap)]
-            pick = max(candidates, key=lambda n: ideal[n] - ranks[n], default=None)
-            step = 1
-        else:
-            candidates = [n for n in names if ranks[n] > low[n] and abs(gap + costs[n]) < abs(gap)]
-            pick = max(candidates, key=lambda n: ranks[n] - ideal[n], default=None)
-            step = -1
-        if pick is None:
-            break
-        ranks[pick] += step
+    while _improve(ranks, ideal, costs, low, caps, budget - cost(ranks)):
+        pass
     achieved = cost(ranks)
     if budget > 0 and abs(achieved - budget) > BUDGET_TOLERANCE * budget:
         raise ValueError(f"cannot allocate ranks within {BUDGET_TOLERANCE:.0%} of the budget {budget:,.0f} "
                          f"parameters (best {achieved:,.0f}): min_rank={min_rank} or the per-layer maxima "
                          "are too tight for it; change the budget or the bounds")
     return ranks
+
+
+def _improve(ranks: dict[str, int], ideal: Mapping[str, float], costs: Mapping[str, int], low: Mapping[str, int],
+             caps: Mapping[str, int], gap: float) -> bool:
+    """One move that shrinks ``|gap|`` (budget − cost), in place; False when none does."""
+    up = [n for n in ranks if ranks[n] < caps[n]]
+    down = [n for n in ranks if ranks[n] > low[n]]
+    singles = [(abs(gap - costs[n]), ranks[n] - ideal[n], n, None) for n in up if abs(gap - costs[n]) < abs(gap)]
+    singles += [(abs(gap + costs[n]), ideal[n] - ranks[n], None, n) for n in down if abs(gap + costs[n]) < abs(gap)]
+    moves = singles or [(abs(gap - costs[i] + costs[j]), ranks[i] - ideal[i] + ideal[j] - ranks[j], i, j)
+                        for i in up for j in down if i != j and abs(gap - costs[i] + costs[j]) < abs(gap)]
+    if not moves:
+        return False
+    _, _, grow, shrink = min(moves, key=lambda m: (m[1], m[0]))
+    if grow is not None:
+        ranks[grow] += 1
+    if shrink is not None:
+        ranks[shrink] -= 1
+    return True
 
 
 @register_policy
