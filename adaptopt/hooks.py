@@ -68,7 +68,21 @@ class StatsCollector:
         self._handles.clear()
 
     def reset(self) -> None:
-        self.stats = {name: LayerStats() for name in self.modules}
+        """Zero the sums in place (armed hooks hold the same objects, so they keep counting)."""
+        for stats in self.stats.values():
+            stats.__init__()
+
+    def state_dict(self) -> dict[str, dict[str, float | int]]:
+        """The running sums (plain numbers), so a resumed run scores the same window."""
+        return {name: {key: float(getattr(s, key)) if key in ("act_sq", "act_abs", "grad_sq") else getattr(s, key)
+                       for key in LayerStats.__slots__} for name, s in self.stats.items()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, float | int]]) -> None:
+        self.reset()
+        for name, values in state.items():
+            if name in self.stats:
+                for key, value in values.items():
+                    setattr(self.stats[name], key, value)
 
     def _forward_hook(self, name: str):
         stats = self.stats[name]

@@ -384,6 +384,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             "scores": {k: dict(v) for k, v in self.scores.items()},
             "history": [dict(h) for h in self.history],
             "score_log": [dict(e) for e in self.score_log],
+            "collector": self.collector.state_dict(),
             "groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
             "roles": [list(r) for r in self._roles],
             "state": {names[p]: dict(s) for p, s in self.inner.state.items()},
@@ -420,6 +421,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self.scores = {name: dict(state_dict["scores"].get(name, {})) for name in self.layers}
         self.history = [dict(h) for h in state_dict["history"]]
         self.score_log = [dict(e) for e in state_dict.get("score_log", [])]
+        self.collector.load_state_dict(state_dict.get("collector", {}))
         self.check_consistency()
         self._arm_for(self.step_count + 1)
 

@@ -24,7 +24,8 @@ LABELS = torch.tensor([0, 1, 1, 0])
 def bert(layers: int = 4, hidden: int = 32, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                                     num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64)
+                                     num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return transformers.BertForSequenceClassification(config)
 
 
@@ -284,6 +285,9 @@ def test_layerwise_lr_on_top_of_automode():
     assert sum(1 for modes in modes_by_block(opt).values() if modes == {Mode.FULL}) == 1
     assert all(0.5 <= s <= 1.0 for s in opt.lr_scales.values())
     assert max(opt.lr_scales.values()) == 1.0 and min(opt.lr_scales.values()) == 0.5
+    cs = {n: v["cs"] for n, v in opt.score_log[-1]["scores"].items()}  # higher CS → higher LR: 1 − γ(1 − M)
+    for name, metric in cs.items():
+        assert opt.lr_scales[name] == pytest.approx(1 - 0.5 * (1 - metric))
 
 
 def test_layerwise_lr_with_identical_layers_keeps_scale_one_and_says_why():
@@ -390,3 +394,35 @@ def test_decisions_are_deterministic_given_the_same_scores(values, seed):
         again = (policy.decide(views, _shuffled(scores, seed), 6, 6) if policy.method == "automode"
                  else policy.initial(views, _shuffled(scores, seed)))
         assert first == again
+
+
+@pytest.mark.parametrize("score_steps", [None, 2])
+def test_automode_resume_mid_window_equals_uninterrupted(tmp_path, score_steps):
+    """Stats gathered before the checkpoint count in the resumed run's decision, and hooks that
+    stay armed across a decision keep feeding the next window."""
+    def build():
+        model = bert(layers=3)
+        policy = AutoMode(u=2, t=34, score_steps=score_steps)
+        return model, AdaptiveOptimizer(model, lr=1e-3, policy=policy, steps_per_epoch=6, rank=2)
+
+    model, opt = build()
+    train(model, opt, 5)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    more = [token_batch(4, 9, seed=100 + i) for i in range(7)]
+
+    def finish(model, opt):
+        for tokens in more:
+            model(input_ids=tokens, labels=LABELS).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finish(model, opt)
+
+    model2, opt2 = build()
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    opt2.load_state_dict(saved["opt"])
+    model2.load_state_dict(saved["model"])
+    finish(model2, opt2)
+    assert [e["step"] for e in opt2.score_log] == [3, 6, 9, 12]
+    assert opt2.score_log == opt.score_log and opt2.history == opt.history
+    for (name, p), p2 in zip(model.named_parameters(), model2.parameters()):
+        torch.testing.assert_close(p2, p, rtol=0, atol=1e-6, msg=name)

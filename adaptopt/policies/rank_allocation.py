@@ -28,7 +28,8 @@ def allocate_ranks(weights: Mapping[str, float], costs: Mapping[str, int], budge
 
     ``c`` is found by bisection on the clamped continuous ranks; the rounding error is then
     repaired by single ±1 moves (or a +1/−1 pair when no single move helps), each the one
-    that strays least from the ideal ranks. Raises ``ValueError`` if the result is
+    that strays least from the ideal ranks. When integer steps cannot reach the budget (a
+    few tiny layers), the ideal is blended toward the uniform rank until they can. Raises ``ValueError`` if the result is
     more than 2 % off ``budget`` (bounds too tight for it).
     """
     names = list(weights)
@@ -53,9 +54,14 @@ def allocate_ranks(weights: Mapping[str, float], costs: Mapping[str, int], budge
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cost(continuous(mid)) < budget else (lo, mid)
     ideal = continuous(hi)
-    ranks = {n: int(min(max(round(ideal[n]), low[n]), caps[n])) for n in names}
-    while _improve(ranks, ideal, costs, low, caps, budget - cost(ranks)):
-        pass
+    uniform = {n: min(max(budget / sum(costs.values()), low[n]), caps[n]) for n in names}
+    for blend in (1.0, 0.75, 0.5, 0.25, 0.0):  # tiny layers: integer rounding can need a nudge toward uniform
+        target = {n: blend * ideal[n] + (1 - blend) * uniform[n] for n in names}
+        ranks = {n: int(min(max(round(target[n]), low[n]), caps[n])) for n in names}
+        while _improve(ranks, target, costs, low, caps, budget - cost(ranks)):
+            pass
+        if abs(cost(ranks) - budget) <= BUDGET_TOLERANCE * budget:
+            break
     achieved = cost(ranks)
     if budget > 0 and abs(achieved - budget) > BUDGET_TOLERANCE * budget:
         raise ValueError(f"cannot allocate ranks within {BUDGET_TOLERANCE:.0%} of the budget {budget:,.0f} "
