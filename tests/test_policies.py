@@ -426,3 +426,14 @@ def test_automode_resume_mid_window_equals_uninterrupted(tmp_path, score_steps):
     assert opt2.score_log == opt.score_log and opt2.history == opt.history
     for (name, p), p2 in zip(model.named_parameters(), model2.parameters()):
         torch.testing.assert_close(p2, p, rtol=0, atol=1e-6, msg=name)
+
+
+def test_hooks_armed_across_decisions_score_each_window_afresh():
+    model = bert(layers=2)
+    opt = AdaptiveOptimizer(model, lr=1e-3, policy=AutoMode(u=3, t=50, score_steps=None), steps_per_epoch=6, rank=2)
+    seen = []
+    train(model, opt, 6, on_step=lambda o: seen.append({n: s.batches for n, s in o.collector.stats.items()}))
+    assert opt.collector.armed
+    assert [set(b.values()) for b in seen] == [{1}, {0}, {1}, {0}, {1}, {0}]  # 2 steps per window, reset after
+    grads = [[v["grad_norm"] for v in e["scores"].values()] for e in opt.score_log]
+    assert grads[0] != grads[1] != grads[2]
