@@ -27,7 +27,7 @@ from .lora import LoRALinear
 from .modes import Mode
 from .policies import LayerDecision, LayerView, Policy, build_policy, name_matches
 from .quant import QuantLoRALinear
-from .scores import weight_scores
+from .scores import FAMILY_KEYS, weight_scores
 
 TASK_HEADS = ("classifier", "score")
 LORA_LR_MULTIPLE = 10.0
@@ -37,7 +37,6 @@ NONFINITE = ("skip", "raise", "ignore")
 
 def _from_families(key: str, families: Iterable[str]) -> bool:
     """Does score ``key`` (e.g. ``"svd_raw"``, ``"signal_fraction_compat"``) belong to one of ``families``?"""
-    from .scores import FAMILY_KEYS
     return any(key in FAMILY_KEYS[f] for f in families)
 
 
