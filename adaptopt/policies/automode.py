@@ -67,8 +67,8 @@ class AutoMode(Policy):
 
     def assign(self, importance: Mapping[str, float]) -> dict[str, Mode]:
         """The mode of each unit given its importance (pure; deterministic for equal input)."""
-        order = list(importance)
-        ranked = sorted(order, key=lambda unit: (-importance[unit], order.index(unit)))
+        position = {unit: i for i, unit in enumerate(importance)}
+        ranked = sorted(importance, key=lambda unit: (-importance[unit], position[unit]))
         n_full = percent_count(self.t, len(ranked))
         n_frozen = min(percent_count(self.bottom, len(ranked)), len(ranked) - n_full)
         modes = {unit: Mode.LORA for unit in ranked}

@@ -55,7 +55,7 @@ def mp_median(beta: float) -> float:
     x = a + (b - a) * (1 - torch.cos(theta)) / 2
     half = (b - a) / 2
     integrand = torch.where(x > 0, half ** 2 * torch.sin(theta) ** 2 / (2 * math.pi * beta * x.clamp_min(1e-300)),
-                            torch.tensor(half * 2 / (math.pi * beta) if a == 0 else 0.0, dtype=torch.float64))
+                            torch.tensor(half / (math.pi * beta) if a == 0 else 0.0, dtype=torch.float64))
     steps = (integrand[1:] + integrand[:-1]) / 2 * (theta[1] - theta[0])
     cdf = torch.cat([torch.zeros(1, dtype=torch.float64), steps.cumsum(0)])
     cdf = cdf / cdf[-1]
@@ -70,7 +70,7 @@ def snr_compat(s: torch.Tensor, shape: tuple[int, int]) -> dict[str, float]:
     m, n = shape
     beta = min(m, n) / max(m, n)
     sigma = float(torch.quantile(s, 0.75) - torch.quantile(s, 0.25)) / 1.349
-    tau = sigma * math.sqrt((1 + math.sqrt(beta)) ** 2)
+    tau = sigma * (1 + math.sqrt(beta))
     signal = float(s[s > tau].sum())
     noise = float(s[s <= tau].sum())
     noise = noise if noise != 0 else 1.0
