@@ -11,6 +11,8 @@ While armed, each target layer accumulates (on device, no host sync):
 Costs on an armed step: one extra ``(out × N) @ (N × in)`` matmul per layer in the
 backward pass (the size of a full weight gradient), and autograd through frozen layers
 (their inputs are made to require grad so ``δ`` exists everywhere). Disarmed: no hooks.
+Forward passes in eval mode or under ``torch.no_grad()`` (evaluation between training
+steps) are not counted.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def _inputs_require_grad(module: nn.Module, args: tuple) -> tuple | None:
     """Forward pre-hook: a frozen layer below every trainable one gets an input that requires
     grad, so that ``δ`` reaches it on scoring steps (its input is a leaf: nothing upstream trains)."""
     x = args[0]
-    if torch.is_grad_enabled() and not x.requires_grad:
+    if module.training and torch.is_grad_enabled() and not x.requires_grad:
         return (x.detach().requires_grad_(True), *args[1:])
     return None
 
@@ -88,6 +90,8 @@ class StatsCollector:
         stats = self.stats[name]
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if not (module.training and torch.is_grad_enabled()):
+                return
             x = args[0].detach()
             flat = x.reshape(-1, x.shape[-1]).float()
             stats.act_sq = stats.act_sq + flat.square().sum()

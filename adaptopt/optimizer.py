@@ -16,11 +16,13 @@ promoted later. A layer's LR scale multiplies its groups' scheduled lr during th
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
+from .distributed import active_group, all_reduce_stats, broadcast_decisions
 from .hooks import StatsCollector
 from .inject import Targets, find_adapters, inject_adapters
 from .lora import LoRALinear
@@ -75,6 +77,9 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         nonfinite: what a step with NaN/inf gradients does: ``"skip"`` (default: no update, no
             decision, ``skipped_steps += 1``), ``"raise"`` (``FloatingPointError``) or
             ``"ignore"`` (no check, no host sync).
+        process_group: under ``torch.distributed``, the ranks that must agree (default: the
+            world when it is initialized). Scores are summed over them and rank 0's decisions
+            applied everywhere (:mod:`adaptopt.distributed`).
         **adamw_kwargs: passed to ``torch.optim.AdamW`` (``betas``, ``eps``, ``weight_decay``,
             ``foreach`` defaults to True, ...).
 
@@ -85,7 +90,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                  lora_lr: float | None = None, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  rslora: bool = False, targets: Targets = "auto", quantize: Any = None, train_other: bool = False,
                  trainable: Iterable[str] = TASK_HEADS, frozen: Iterable[str] = (),
-                 steps_per_epoch: int | None = None, nonfinite: str = "skip", **adamw_kwargs: Any) -> None:
+                 steps_per_epoch: int | None = None, nonfinite: str = "skip", process_group: Any = None,
+                 **adamw_kwargs: Any) -> None:
         lora_lr = lr * LORA_LR_MULTIPLE if lora_lr is None else lora_lr
         for label, value in (("lr", lr), ("lora_lr", lora_lr)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -115,6 +121,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self.history: list[dict[str, Any]] = []
         self.score_log: list[dict[str, Any]] = []
         self.last_check: dict[str, Any] = {}
+        self.process_group = process_group
+        self._transition_hooks: OrderedDict[int, Callable[["AdaptiveOptimizer"], None]] = OrderedDict()
 
         self._roles: list[tuple[str, str | None]] = [("other", None)]
         groups: list[dict[str, Any]] = [{"params": [], "lr": self.lr}]
@@ -131,7 +139,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
 
         self.collector = StatsCollector(self.layers)
         self._refresh_weight_scores(0)
-        self._apply(self.policy.initial(self.views(), self.scores), reason="initial")
+        self._apply(self._agreed(self.policy.initial(self.views(), self.scores)), reason="initial")
         self._arm_for(1)
 
     # ------------------------------------------------------------------ views
@@ -194,14 +202,22 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
 
     def decide(self) -> dict[str, LayerDecision]:
         """Ask the policy now (normally called by :meth:`step` at its decision points)."""
+        group = active_group(self.process_group)
+        if group is not None:
+            all_reduce_stats(self.collector, group)
         collected = self.collector.scores() if any(s.count for s in self.collector.stats.values()) else {}
         for name, values in collected.items():
             self.scores[name].update(values)
         self._refresh_weight_scores(self.step_count)
         decisions = self.policy.decide(self.views(), self.scores, self.step_count, self.steps_per_epoch)
-        self._apply(decisions, reason="decision")
+        self._apply(self._agreed(decisions), reason="decision")
         self.collector.reset()
         return decisions
+
+    def _agreed(self, decisions: Mapping[str, LayerDecision]) -> Mapping[str, LayerDecision]:
+        """Under ``torch.distributed``, rank 0's decisions (every rank must transition alike)."""
+        group = active_group(self.process_group)
+        return decisions if group is None else broadcast_decisions(decisions, list(self.layers), group)
 
     def _refresh_weight_scores(self, step: int) -> None:
         """Compute the weight-only score families the policy needs at ``step`` into ``scores``
@@ -251,8 +267,21 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                                      "from_mode": before[0].value, "from_rank": before[1], "from_lr_scale": before[2],
                                      "mode": after[0].value, "rank": after[1], "lr_scale": after[2],
                                      "scores": dict(self.scores.get(name, {}))})
-        self._reconcile()
+        if self._reconcile():
+            self._run_transition_hooks()
         self.check_consistency()
+
+    def register_transition_hook(self, hook: Callable[["AdaptiveOptimizer"], None]) -> torch.utils.hooks.RemovableHandle:
+        """Call ``hook(optimizer)`` whenever the set of trained parameters changes (a transition,
+        or :meth:`load_state_dict`), after the change. Wrappers that bind parameters when they
+        are built (DDP) rebuild themselves here. Returns a handle whose ``remove()`` detaches it."""
+        handle = torch.utils.hooks.RemovableHandle(self._transition_hooks)
+        self._transition_hooks[handle.id] = hook
+        return handle
+
+    def _run_transition_hooks(self) -> None:
+        for hook in list(self._transition_hooks.values()):
+            hook(self)
 
     def _desired_groups(self) -> dict[nn.Parameter, int]:
         """Where every parameter that should train belongs, from the layers' modes and the rules."""
@@ -290,13 +319,15 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             return False
         return self.train_other or any(name_matches(pattern, name) for pattern in self.trainable_patterns)
 
-    def _reconcile(self) -> None:
+    def _reconcile(self) -> bool:
         """Make requires_grad, group membership and Adam state follow :meth:`_desired_groups`.
 
         Parameters that stay in training keep their state; parameters that leave get
         ``requires_grad=False``, ``grad=None`` and no state (AdamW would otherwise still
-        move them on a zero gradient through its momentum).
+        move them on a zero gradient through its momentum). Returns whether the set of
+        trained parameters (or their groups) changed.
         """
+        before = [list(g["params"]) for g in self.param_groups]  # holds them, so ids stay unique
         desired = self._desired_groups()
         for index, group in enumerate(self.param_groups):
             kept = []
@@ -316,6 +347,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                 p.requires_grad_(p in in_groups)
             if p not in in_groups:
                 p.grad = None
+        return [list(map(id, ps)) for ps in before] != [list(map(id, g["params"])) for g in self.param_groups]
 
     def _name_of(self, p: nn.Parameter) -> str:
         return next((n for n, q in self.model.named_parameters() if q is p), f"<unnamed {tuple(p.shape)}>")
@@ -406,7 +438,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                 module.set_mode(Mode.LORA, record["rank"])
                 module.set_mode(record["mode"], record["rank"])  # quantized FROZEN keeps frozen factors
             self.lr_scales[name] = float(record["lr_scale"])
-        self._reconcile()
+        changed = self._reconcile()
         params = dict(self.model.named_parameters())
         self.inner.state.clear()
         for pname, values in state_dict["state"].items():
@@ -423,6 +455,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self.collector.load_state_dict(state_dict.get("collector", {}))
         self.check_consistency()
         self._arm_for(self.step_count + 1)
+        if changed:
+            self._run_transition_hooks()
 
     def _validate_checkpoint(self, sd: Mapping[str, Any]) -> None:
         if not isinstance(sd, Mapping) or sd.get("format") != STATE_FORMAT:

@@ -78,3 +78,23 @@ def test_grad_norm_equals_the_full_weight_gradient_in_any_mode():
     handle.remove()
     x_rms = float(captured[0].float().square().mean().sqrt())
     assert abs(measured["bert.encoder.layer.0.attention.self.query"]["act_rms"] - x_rms) < 1e-5 * x_rms
+
+
+def test_evaluation_passes_while_armed_are_not_counted():
+    """An eval pass (model.eval() or no_grad) between training steps leaves the sums untouched."""
+    torch.manual_seed(0)
+    model = tiny_bert()
+    opt = AdaptiveOptimizer(model, lr=1e-3, policy="lora", rank=2)
+    collector = StatsCollector(opt.layers)
+    collector.arm()
+    model(input_ids=token_batch(), labels=LABELS).loss.backward()
+    before = collector.state_dict()
+    model.eval()
+    model(input_ids=token_batch(seed=1), labels=LABELS).loss.backward()
+    model.train()
+    with torch.no_grad():
+        model(input_ids=token_batch(seed=2))
+    assert collector.state_dict() == before
+    model(input_ids=token_batch(seed=3), labels=LABELS).loss.backward()
+    assert all(collector.stats[n].batches == 2 for n in opt.layers)
+    collector.disarm()

@@ -1,0 +1,110 @@
+"""Run by ``torchrun --nproc_per_node 2`` from tests/test_distributed.py (and imported by it for
+the single-process reference). Each rank trains a tiny BERT on its half of every batch and
+writes what it ended with to ``<out>/rank<r>.safetensors``.
+
+Scenarios (one launch, to pay the process start-up once):
+- ``scheduled``: a transition at step 3 that starts fresh factors (rank-specific RNG, so
+  only the rebuild's broadcast makes them agree) and promotes a block; AdaptiveDDP.
+- ``automode``: AutoMode deciding from gradient scores each rank measures on different data.
+- ``plain_ddp``: the scheduled run under a DDP built once (the failure AdaptiveDDP prevents).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from adaptopt import AdaptiveOptimizer, LayerDecision, Mode, Policy  # noqa: E402
+
+STEPS = 6
+BATCH = 8  # global batch; each of 2 ranks gets 4 rows
+RANK_SEED = 1000
+
+
+class Scheduled(Policy):
+    """All LORA except layer 1's attention (FROZEN); at step 3 layer 0 goes FULL and layer 1's
+    query starts a rank-2 adapter."""
+
+    method = "scheduled"
+
+    def initial(self, layers, scores):
+        return {n: LayerDecision(Mode.FROZEN if "layer.1.attention" in n else Mode.LORA) for n in layers}
+
+    def is_decision_step(self, step, steps_per_epoch):
+        return step == 3
+
+    def decide(self, layers, scores, step, steps_per_epoch):
+        out = {n: LayerDecision(Mode.FULL) for n in layers if "layer.0." in n}
+        out.update({n: LayerDecision(Mode.LORA, 2) for n in layers if n.endswith("layer.1.attention.self.query")})
+        return out
+
+
+def build_model() -> torch.nn.Module:
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=64, num_labels=2,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(config).train()
+
+
+def batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 64, (BATCH, 9), generator=g), torch.randint(0, 2, (BATCH,), generator=g))
+            for _ in range(STEPS)]
+
+
+def make_optimizer(model: torch.nn.Module, scenario: str) -> AdaptiveOptimizer:
+    if scenario == "automode":
+        policy = {"method": "automode", "u": 2, "t": 50, "bottom": 0, "rank": 2, "score_steps": 1}
+        return AdaptiveOptimizer(model, lr=1e-2, policy=policy, rank=2, steps_per_epoch=STEPS // 2)
+    return AdaptiveOptimizer(model, lr=1e-2, policy=Scheduled(), rank=2)
+
+
+def train(scenario: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """Train and return every parameter, the loss per step and the layer modes (as codes)."""
+    model = build_model()
+    opt = make_optimizer(model, scenario)
+    torch.manual_seed(RANK_SEED + rank)  # factors started later differ per rank unless synchronised
+    if world > 1 and scenario == "plain_ddp":
+        runner = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    elif world > 1:
+        from adaptopt.integrations.ddp import AdaptiveDDP
+        runner = AdaptiveDDP(model, opt)
+    else:
+        runner = model
+    shard = BATCH // world
+    losses = []
+    for tokens, labels in batches():
+        rows = slice(rank * shard, (rank + 1) * shard)
+        loss = runner(input_ids=tokens[rows], labels=labels[rows]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    result = {f"param/{n}": p.detach().clone() for n, p in model.named_parameters()}
+    result["losses"] = torch.stack(losses)
+    result["modes"] = torch.tensor([list(Mode).index(m.mode) * 100 + m.rank for m in opt.layers.values()])
+    result["rebuilds"] = torch.tensor(getattr(runner, "rebuilds", -1))
+    return result
+
+
+def main() -> None:
+    from safetensors.torch import save_file
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.set_num_threads(1)
+    out = Path(sys.argv[1])
+    for scenario in ("scheduled", "automode", "plain_ddp"):
+        result = train(scenario, rank, world)
+        save_file({k: v.contiguous() for k, v in result.items()}, str(out / f"{scenario}.rank{rank}.safetensors"))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
