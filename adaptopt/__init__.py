@@ -7,6 +7,7 @@ without changing what the model computes at the moment of the switch.
 The core imports with torch alone; bitsandbytes, transformers, datasets and matplotlib
 are imported only by the features that need them.
 """
+from .checkpoint import export_merged, export_peft, load_adapters, save_adapters
 from .factors import lora_scaling
 from .inject import ARCHITECTURE_TARGETS, TargetInfo, find_adapters, inject_adapters, select_targets
 from .lora import LoRALinear
@@ -46,7 +47,11 @@ __all__ = [
     "QuantConfig",
     "QuantLoRALinear",
     "TargetInfo",
+    "export_merged",
+    "export_peft",
     "find_adapters",
+    "load_adapters",
+    "save_adapters",
     "inject_adapters",
     "lora_scaling",
     "select_targets",

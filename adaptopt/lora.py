@@ -19,6 +19,7 @@ from torch import nn
 from .factors import (
     check_rank_alpha, factors_from_svd, fresh_factors, grow_factors, lora_scaling, svd_of_product,
 )
+from .changes import mark_changed
 from .modes import Mode
 
 
@@ -182,6 +183,7 @@ class LoRALinear(nn.Module):
     def _add_to_base_weight(self, delta: torch.Tensor) -> None:
         """``W ← W + ΔW`` in place (fp32 arithmetic, one rounding), keeping the Parameter's identity."""
         w = self.base.weight
+        mark_changed(w)
         with torch.no_grad():
             w.copy_((w.float() + self._to_base_layout(delta).to(w.device)).to(w.dtype))
 
@@ -258,6 +260,8 @@ class LoRALinear(nn.Module):
                                              dtype=self._weight_dtype(), device=self._weight_device()))
         for p in self.base.parameters():
             p.requires_grad_(mode is Mode.FULL)
+            if mode is Mode.FULL:
+                mark_changed(p)
         self._mode = mode
 
     def _set_factors(self, a: nn.Parameter | None, b: nn.Parameter | None) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from .changes import mark_changed
 from .distributed import active_group, all_reduce_stats, broadcast_decisions
 from .hooks import StatsCollector
 from .inject import Targets, find_adapters, inject_adapters
@@ -342,6 +343,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         for p, index in desired.items():
             self.param_groups[index]["params"].append(p)
         in_groups = {p for g in self.param_groups for p in g["params"]}
+        mark_changed(*in_groups)
         for p in self.model.parameters():
             if p.is_floating_point():
                 p.requires_grad_(p in in_groups)

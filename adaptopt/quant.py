@@ -26,6 +26,7 @@ from torch import nn
 
 from ._imports import require
 from .factors import factors_from_svd, fresh_factors, grow_factors, lora_scaling, svd_dense, svd_of_product
+from .changes import mark_changed
 from .lora import LoRALinear, is_quantized_linear, linear_geometry
 from .modes import Mode
 
@@ -93,9 +94,33 @@ def quantize_linear(base: nn.Module, config: QuantConfig) -> nn.Module:
     return quantized.to(weight.device)  # bitsandbytes packs the weight on .to(device)
 
 
+def keep_standard_layout(quantized: nn.Module) -> None:
+    """Stop bitsandbytes from repacking the 4-bit weight for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes ≥ 0.49 repacks a ``Linear4bit`` weight *in place*
+    the first time it runs in eval mode without grad, and from then on computes every
+    forward (training too) through a bf16 kernel. Measured here on a 64×64 NF4 layer: outputs
+    move by 5e-3, and ``dequantize_4bit`` of the repacked data is garbage. adaptopt needs one
+    exact, stable ``deq(Q)`` (function-preserving transitions, scores, merged export), so
+    adapted layers keep the standard layout. A weight already repacked is converted back; its
+    block scales stay rounded to bf16 as the packing left them (that is what it computes with).
+    """
+    quantized.support_avx512bf16_for_cpu = False
+    weight = quantized.weight
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        bnb = require("bitsandbytes", extra="quant")
+        weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(
+            weight.data, weight.quant_state)
+        state = weight.quant_state
+        if state.absmax.dim() == 2:  # left transposed (in/blocksize, out) and bf16 by the packing
+            state.absmax = state.absmax.T.reshape(-1).float().contiguous()
+        quantized.quant_state = state
+
+
 def dequantize(quantized: nn.Module) -> torch.Tensor:
     """``deq(Q)``: the dense ``(out, in)`` weight a bitsandbytes 4-bit layer computes with."""
     bnb = require("bitsandbytes", extra="quant")
+    keep_standard_layout(quantized)
     state = quantized.weight.quant_state
     # bitsandbytes returns a transposed view when the packed data has one row (tiny layers);
     # both are the same row-major values, so reshaping restores (out, in).
@@ -127,11 +152,16 @@ class QuantLoRALinear(LoRALinear):
         if not is_quantized_linear(base):
             fan_in_fan_out = linear_geometry(base)[2]
             base = quantize_linear(base, config)
+        else:
+            config = QuantConfig(base.weight.quant_type, base.compute_dtype, bool(base.weight.compress_statistics),
+                                 int(base.weight.blocksize))
+        keep_standard_layout(base)
         super().__init__(base, rank, alpha, dropout, rslora, mode=Mode.FROZEN)
         self.register_parameter("delta", None)
         self.register_buffer("_merged_weight", None, persistent=False)
         self.fan_in_fan_out = fan_in_fan_out  # layout of the original (pre-quantization) weight
         self.quant_type: str = base.weight.quant_type
+        self.quant_config = config  # how the base was quantized (saved with the adapters)
         self.set_mode(mode)
 
     def _weight_dtype(self) -> torch.dtype:
@@ -223,6 +253,8 @@ class QuantLoRALinear(LoRALinear):
             self.delta.requires_grad_(True)
         if self.base.bias is not None:
             self.base.bias.requires_grad_(mode is Mode.FULL)
+            if mode is Mode.FULL:
+                mark_changed(self.base.bias)
         self._mode = mode
 
     def extra_repr(self) -> str:

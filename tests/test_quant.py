@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, strategies as st
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -214,3 +215,37 @@ def test_demotion_of_a_higher_rank_delta_keeps_the_best_rank_r_part():
     torch.testing.assert_close(module.delta_weight().double(), best, rtol=1e-5, atol=1e-5)
     assert math.isclose(float((module.delta_weight().double() - delta.double()).norm()), float(s[4:].norm()),
                         rel_tol=1e-4)
+
+
+def test_eval_passes_do_not_repack_or_change_the_4bit_layer():
+    """bitsandbytes repacks a 4-bit weight in place for its bf16 CPU kernel on the first eval
+    pass without grad; adapted layers must keep computing exactly what they did."""
+    torch.manual_seed(0)
+    module = QuantLoRALinear(nn.Linear(64, 64), rank=4)
+    x = torch.randn(3, 64)
+    weight, train_out = dequantize(module.base).clone(), module(x).detach()
+    module.eval()
+    with torch.no_grad():
+        eval_out = module(x)
+    assert torch.equal(eval_out, train_out)
+    assert torch.equal(dequantize(module.base), weight)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_wrapping_an_already_repacked_base_restores_a_consistent_layout(double_quant):
+    import bitsandbytes as bnb
+    from adaptopt.quant import QuantConfig, quantize_linear
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    torch.manual_seed(0)
+    quantized = quantize_linear(nn.Linear(64, 64), QuantConfig(double_quant=double_quant))
+    original = bnb.functional.dequantize_4bit(quantized.weight.data, quantized.weight.quant_state).clone()
+    quantized.eval()
+    with torch.no_grad():
+        quantized(torch.randn(2, 64))
+    assert quantized.weight.quant_state.packing_format_for_cpu
+    module = QuantLoRALinear(quantized, rank=4)
+    weight = dequantize(module.base)
+    assert (weight - original).abs().max() <= 2 ** -7 * original.abs().max()  # block scales rounded to bf16
+    x = torch.randn(3, 64)
+    assert torch.allclose(module(x), x @ weight.T + quantized.bias, atol=1e-6)
