@@ -267,6 +267,48 @@ class LoRALinear(nn.Module):
     def _set_factors(self, a: nn.Parameter | None, b: nn.Parameter | None) -> None:
         self.lora_A, self.lora_B = a, b
 
+    # ---------------------------------------------------------------- loading state dicts
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """Take the structure a full state dict of this layer describes (factors of its rank, or
+        none; a 4-bit layer's dense delta), then load the values as usual.
+
+        This is what lets ``model.load_state_dict`` (and the HF Trainer's resume) load a
+        checkpoint saved after transitions into a model still in its initial modes. Only the
+        structure is inferred: factors → LORA, none → FROZEN (or FULL if it was FULL); the
+        optimizer's ``load_state_dict`` restores the exact modes. A partial state dict
+        (without ``base.weight``) leaves the structure alone.
+        """
+        if prefix + "base.weight" in state_dict:
+            a = state_dict.get(prefix + "lora_A")
+            saved = (None if a is None else int(a.shape[0]), prefix + "delta" in state_dict)
+            if saved != (self.rank if self.lora_A is not None else None, getattr(self, "delta", None) is not None):
+                self._adopt_structure(*saved)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _adopt_structure(self, factor_rank: int | None, has_delta: bool) -> None:
+        """Factors of ``factor_rank`` (fresh values) or none; the mode that structure implies."""
+        self._adopt_factors(factor_rank)
+        if factor_rank is None:
+            mode = Mode.FULL if self._mode is Mode.FULL else Mode.FROZEN
+        else:
+            mode = Mode.LORA
+        for p in self.base.parameters():
+            p.requires_grad_(mode is Mode.FULL)
+        for p in (self.lora_A, self.lora_B):
+            if p is not None:
+                p.requires_grad_(mode is Mode.LORA)
+        self._mode = mode
+
+    def _adopt_factors(self, factor_rank: int | None) -> None:
+        """Factors of ``factor_rank`` (fresh values, to be overwritten by a load) or none."""
+        if factor_rank is None:
+            self._set_factors(None, None)
+        elif self.lora_A is None or self.rank != factor_rank:
+            check_rank_alpha(factor_rank, self.alpha)
+            self.rank = factor_rank
+            self._set_factors(*fresh_factors(self.in_features, self.out_features, factor_rank,
+                                             dtype=self._weight_dtype(), device=self._weight_device()))
+
     # ---------------------------------------------------------------- introspection
     def mode_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` pairs the current mode trains: ``lora_A, lora_B`` in LORA,

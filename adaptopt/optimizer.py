@@ -143,6 +143,14 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self._apply(self._agreed(self.policy.initial(self.views(), self.scores)), reason="initial")
         self._arm_for(1)
 
+    def set_steps_per_epoch(self, steps_per_epoch: int) -> None:
+        """Tell epoch-counting policies the epoch length (optimizer steps per epoch); the HF
+        callback calls this at the start of training."""
+        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
+            raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
+        self.steps_per_epoch = steps_per_epoch
+        self._arm_for(self.step_count + 1)
+
     # ------------------------------------------------------------------ views
     def views(self) -> dict[str, LayerView]:
         """What a policy sees of each layer."""

@@ -257,5 +257,28 @@ class QuantLoRALinear(LoRALinear):
                 mark_changed(self.base.bias)
         self._mode = mode
 
+    def _adopt_structure(self, factor_rank: int | None, has_delta: bool) -> None:
+        """Factors and/or dense delta as a saved state describes; delta → FULL, factors alone →
+        LORA (FROZEN stays FROZEN), neither → FROZEN."""
+        was = self._mode
+        self._adopt_factors(factor_rank)
+        if has_delta and self.delta is None:
+            self.delta = nn.Parameter(torch.zeros(self.out_features, self.in_features, dtype=self._weight_dtype(),
+                                                  device=self._weight_device()))
+        elif not has_delta:
+            self.delta = None
+        if has_delta:
+            mode = Mode.FULL
+        elif factor_rank is not None:
+            mode = Mode.FROZEN if was is Mode.FROZEN else Mode.LORA
+        else:
+            mode = Mode.FROZEN
+        for p in (self.lora_A, self.lora_B):
+            if p is not None:
+                p.requires_grad_(mode is Mode.LORA)
+        if self.base.bias is not None:
+            self.base.bias.requires_grad_(mode is Mode.FULL)
+        self._mode = mode
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quant_type={self.quant_type}"

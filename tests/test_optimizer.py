@@ -151,7 +151,10 @@ def test_scheduler_built_once_schedules_layers_promoted_later(kind):
     torch.testing.assert_close(moved, torch.full_like(moved, 0.5 * scheduled), rtol=1e-4, atol=0)
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("order", ["optimizer_first", "weights_first"])
+def test_resume_equals_uninterrupted_run(tmp_path, order):
+    """Either order restores the run: the optimizer rebuilds modes before the weights load, or
+    the layers take the saved structure from the state dict (what the HF Trainer's resume does)."""
     def build():
         torch.manual_seed(0)
         model = tiny_bert()
@@ -177,8 +180,12 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
     model2, opt2, scheduler2 = build()
     saved = torch.load(path, weights_only=True)
-    opt2.load_state_dict(saved["opt"])  # rebuild modes and ranks first ...
-    model2.load_state_dict(saved["model"])  # ... then the weights fit
+    if order == "optimizer_first":
+        opt2.load_state_dict(saved["opt"])
+        model2.load_state_dict(saved["model"])
+    else:
+        model2.load_state_dict(saved["model"])
+        opt2.load_state_dict(saved["opt"])
     scheduler2.load_state_dict(saved["sched"])
     torch.set_rng_state(saved["rng"])
     assert opt2.summary() == summary_at_save and opt2.history == opt.history

@@ -249,3 +249,21 @@ def test_wrapping_an_already_repacked_base_restores_a_consistent_layout(double_q
     assert (weight - original).abs().max() <= 2 ** -7 * original.abs().max()  # block scales rounded to bf16
     x = torch.randn(3, 64)
     assert torch.allclose(module(x), x @ weight.T + quantized.bias, atol=1e-6)
+
+
+@pytest.mark.parametrize("saved_mode, saved_rank", [(Mode.FULL, 4), (Mode.LORA, 2), (Mode.FROZEN, 2)])
+def test_load_state_dict_adopts_the_saved_structure(saved_mode, saved_rank):
+    """A state dict saved after transitions loads into a layer still in another mode/rank."""
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32)
+    saved = QuantLoRALinear(dense, rank=saved_rank)
+    randomize_adapter(saved)
+    saved.set_mode(saved_mode)
+    simulate_training(saved)
+    fresh = QuantLoRALinear(dense, rank=4, mode=Mode.LORA)
+    result = fresh.load_state_dict(saved.state_dict(), strict=False)  # bitsandbytes' quant-state keys: unused
+    assert not result.missing_keys and all(".weight." in k for k in result.unexpected_keys)
+    assert (fresh.lora_A is None, fresh.delta is None) == (saved.lora_A is None, saved.delta is None)
+    assert fresh.mode is (Mode.LORA if saved_mode is Mode.FROZEN else saved_mode)  # structure, not the mode
+    x = torch.randn(5, 64)
+    assert torch.equal(fresh(x), saved(x))

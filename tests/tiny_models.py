@@ -21,9 +21,10 @@ def tiny_gpt2(layers: int = 2) -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(config).eval()
 
 
-def tiny_bert(layers: int = 2, num_labels: int = 2) -> torch.nn.Module:
+def tiny_bert(layers: int = 2, num_labels: int = 2, dropout: float = 0.1) -> torch.nn.Module:
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=64, num_labels=num_labels)
+                                     intermediate_size=32, max_position_embeddings=64, num_labels=num_labels,
+                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     return transformers.BertForSequenceClassification(config).eval()
 
 

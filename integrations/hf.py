@@ -1,0 +1,143 @@
+"""Hugging Face ``Trainer`` integration: pass the optimizer, add one callback.
+
+::
+
+    opt = AdaptiveOptimizer(model, lr=2e-5, policy="automode")      # or from_training_args(model, args, ...)
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
+                      optimizers=(opt, None), callbacks=[AdaptoptCallback()])
+    trainer.train()                      # or trainer.train(resume_from_checkpoint=True)
+
+The Trainer builds its LR scheduler over the optimizer's fixed param groups, so every layer
+(including layers promoted later) follows it, each group at its own base LR (``lr`` for full
+weights, ``lora_lr`` for factors). The Trainer calls ``opt.step()`` once per optimizer step,
+after gradient accumulation and clipping; evaluation passes are not scored.
+
+Why ``optimizers=(...)`` and not ``optimizer_cls_and_kwargs``: the Trainer builds an
+optimizer from a class only *after* it has loaded a resume checkpoint's weights, so adapters
+injected there would miss their saved values. Built before the Trainer, the adapters exist
+when the weights load; each adapter layer takes the saved structure (ranks, factors or none)
+from the checkpoint's state dict, and the optimizer's own ``load_state_dict`` — in
+``optimizer.pt`` beside the weights — then restores exact modes, LR scales, scores, history
+and Adam moments.
+
+:class:`AdaptoptCallback` feeds the epoch length to policies that count in epochs, logs
+every transition through the ``transformers`` logger and into ``trainer.state.log_history``,
+adds mode counts to each log line, and writes a readable ``adaptopt.json`` (modes, ranks,
+scores, history) into each checkpoint directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from adaptopt import AdaptiveOptimizer, Mode
+
+logger = logging.get_logger("adaptopt")
+STATE_FILE = "adaptopt.json"
+
+
+def find_adaptive_optimizer(optimizer: Any) -> AdaptiveOptimizer:
+    """The :class:`AdaptiveOptimizer` inside the Trainer's (possibly accelerate-wrapped) optimizer."""
+    seen = optimizer
+    for _ in range(4):
+        if isinstance(seen, AdaptiveOptimizer):
+            return seen
+        seen = getattr(seen, "optimizer", None)
+    raise ValueError(f"AdaptoptCallback found no AdaptiveOptimizer in the Trainer (got {type(optimizer).__name__}): "
+                     "pass optimizers=(AdaptiveOptimizer(model, ...), None) to the Trainer")
+
+
+def from_training_args(model: Any, args: Any, **kwargs: Any) -> AdaptiveOptimizer:
+    """``AdaptiveOptimizer(model, ...)`` with the Trainer's ``learning_rate``, ``weight_decay``,
+    Adam betas and epsilon; ``kwargs`` (``policy=``, ``lora_lr=``, ...) override them."""
+    settings = {"lr": args.learning_rate, "weight_decay": args.weight_decay,
+                "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    return AdaptiveOptimizer(model, **{**settings, **kwargs})
+
+
+def update_steps_per_epoch(train_dataloader: Any, gradient_accumulation_steps: int, max_steps: int) -> int:
+    """Optimizer steps in one epoch, as the Trainer counts them (a last partial accumulation
+    still steps); ``max_steps`` when the loader has no length."""
+    try:
+        batches = len(train_dataloader)
+    except TypeError:
+        return max(int(max_steps), 1)
+    return max(batches // gradient_accumulation_steps + int(batches % gradient_accumulation_steps > 0), 1)
+
+
+def mode_counts(opt: AdaptiveOptimizer) -> dict[str, int]:
+    counts = {f"adaptopt/{m.value}": 0 for m in Mode}
+    for module in opt.layers.values():
+        counts[f"adaptopt/{module.mode.value}"] += 1
+    counts["adaptopt/trainable_params"] = opt.trainable_parameter_count()
+    return counts
+
+
+def state_summary(opt: AdaptiveOptimizer) -> dict[str, Any]:
+    """Modes, ranks, LR scales, latest scores and the transition history, as plain JSON."""
+    return {"step": opt.step_count, "steps_per_epoch": opt.steps_per_epoch, "policy": opt.state_dict()["policy"],
+            "layers": {name: {"mode": m.mode.value, "rank": m.rank, "lr_scale": opt.lr_scales[name],
+                              "scores": opt.scores.get(name, {})} for name, m in opt.layers.items()},
+            "history": opt.history}
+
+
+class AdaptoptCallback(TrainerCallback):
+    """Connects an :class:`AdaptiveOptimizer` passed to the Trainer with the Trainer's loop.
+
+    Args:
+        optimizer: the optimizer; default: found in the Trainer's at the start of training.
+        log_transitions: log each transition (layer, from → to, scores) at INFO level.
+    """
+
+    def __init__(self, optimizer: AdaptiveOptimizer | None = None, log_transitions: bool = True) -> None:
+        self.optimizer = optimizer
+        self.log_transitions = log_transitions
+        self._logged = 0
+
+    def _opt(self, kwargs: dict[str, Any]) -> AdaptiveOptimizer:
+        if self.optimizer is None:
+            self.optimizer = find_adaptive_optimizer(kwargs.get("optimizer"))
+        return self.optimizer
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        opt = self._opt(kwargs)
+        opt.set_steps_per_epoch(update_steps_per_epoch(kwargs.get("train_dataloader"),
+                                                       args.gradient_accumulation_steps, state.max_steps))
+        if opt.step_count != state.global_step:
+            logger.warning(f"adaptopt: the optimizer is at step {opt.step_count} but the Trainer at "
+                           f"{state.global_step} (skipped non-finite steps, or a resume without optimizer.pt); "
+                           "epoch-based decisions follow the optimizer's count")
+        self._logged = len(opt.history)
+        logger.info(f"adaptopt: {opt.steps_per_epoch} optimizer steps per epoch, policy {opt.policy.method!r}")
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        opt = self._opt(kwargs)
+        fresh = opt.history[self._logged:]
+        self._logged = len(opt.history)
+        if not fresh:
+            return
+        state.log_history.append({"step": state.global_step, "adaptopt/transitions": len(fresh), **mode_counts(opt)})
+        if self.log_transitions and state.is_world_process_zero:
+            for h in fresh:
+                scores = ", ".join(f"{k}={v:.4g}" for k, v in sorted(h["scores"].items())[:4])
+                logger.info(f"adaptopt step {h['step']}: {h['layer']} {h['from_mode']}(r{h['from_rank']}) → "
+                            f"{h['mode']}(r{h['rank']}) lr×{h['lr_scale']:g} [{scores}]")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        counts = mode_counts(self._opt(kwargs))
+        if logs is not None:
+            logs.update(counts)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(counts)
+
+    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            with open(os.path.join(folder, STATE_FILE), "w") as f:
+                json.dump(state_summary(self._opt(kwargs)), f, indent=1, default=str)

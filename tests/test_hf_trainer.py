@@ -1,0 +1,94 @@
+"""The HF Trainer drives AdaptiveOptimizer: accumulation, scheduler, evaluation, checkpoints, resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adaptopt import AdaptiveOptimizer, Mode
+from tests.tiny_models import VOCAB, tiny_bert, transformers
+
+pytest.importorskip("accelerate")
+from adaptopt.integrations.hf import STATE_FILE, AdaptoptCallback  # noqa: E402
+
+AUTOMODE = {"method": "automode", "u": 2, "t": 50, "bottom": 25, "rank": 2, "score_steps": 1}
+# ranks set from activations at step 2: the checkpoint's factor shapes differ from a fresh model's
+RANKS = {"method": "rank_allocation", "strategy": "activation", "budget": 4, "calibration_steps": 2}
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.tokens = torch.randint(0, VOCAB, (n, 9), generator=g)
+        self.labels = (self.tokens[:, 1] > VOCAB // 2).long()  # learnable from the tokens
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.tokens[i], "labels": self.labels[i]}
+
+
+class FullWeights(transformers.TrainerCallback):
+    """Copies every FULL layer's weight after each optimizer step."""
+
+    def __init__(self, opt: AdaptiveOptimizer) -> None:
+        self.opt, self.seen = opt, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen[state.global_step] = {n: m.base.weight.detach().clone()
+                                        for n, m in self.opt.layers.items() if m.mode is Mode.FULL}
+
+
+def make_trainer(out, *, policy=AUTOMODE, extra_callbacks=()):
+    torch.manual_seed(0)
+    model = tiny_bert(dropout=0.0).train()
+    args = transformers.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=2,
+        learning_rate=1e-3, lr_scheduler_type="linear", warmup_steps=1, eval_strategy="epoch", save_strategy="steps",
+        save_steps=5, logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, max_grad_norm=1.0)
+    opt = AdaptiveOptimizer(model, lr=args.learning_rate, policy=policy, rank=2)
+    callbacks = [AdaptoptCallback(), *(c(opt) for c in extra_callbacks)]
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(32, 1), eval_dataset=Rows(8, 2),
+                                   optimizers=(opt, None), callbacks=callbacks)
+    return trainer, opt, callbacks
+
+
+def test_trainer_runs_the_policy_and_promoted_layers_train(tmp_path):
+    trainer, opt, (callback, watcher) = make_trainer(tmp_path, extra_callbacks=(FullWeights,))
+    trainer.train()
+    assert opt.steps_per_epoch == 4  # 8 batches / accumulation 2
+    assert opt.step_count == trainer.state.global_step == 8
+    decisions = sorted({h["step"] for h in opt.history if h["reason"] == "decision"})
+    assert decisions and set(decisions) <= {2, 4, 6, 8}
+    # a layer FULL across two consecutive steps had its weight changed by the Trainer's update
+    moved = [float((watcher.seen[s + 1][n] - w).abs().max())
+             for s, layers in watcher.seen.items() if s + 1 in watcher.seen
+             for n, w in layers.items() if n in watcher.seen[s + 1]]
+    assert moved and min(moved) > 0
+    # one scheduler over fixed groups: every group decayed on the same linear curve
+    lrs = trainer.lr_scheduler.get_last_lr()
+    assert len(lrs) == len(opt.param_groups) and all(lr == 0.0 for lr in lrs)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all("adaptopt/full" in h and "adaptopt/trainable_params" in h for h in logged)
+    assert any("adaptopt/transitions" in h for h in trainer.state.log_history)
+    assert any("eval_loss" in h for h in trainer.state.log_history)
+    summary = json.loads((tmp_path / "checkpoint-5" / STATE_FILE).read_text())
+    assert summary["step"] == 5 and set(summary["layers"]) == set(opt.layers)
+
+
+def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    trainer, opt, _ = make_trainer(tmp_path / "a", policy=RANKS)
+    trainer.train()
+    expected = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    at_save = json.loads((tmp_path / "a" / "checkpoint-5" / STATE_FILE).read_text())["layers"]
+    initial = {n: m.rank for n, m in make_trainer(tmp_path / "x", policy=RANKS)[1].layers.items()}
+    assert {n: v["rank"] for n, v in at_save.items()} != initial  # the checkpoint's factor shapes differ
+
+    resumed, opt2, _ = make_trainer(tmp_path / "b", policy=RANKS)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-5"))
+    assert opt2.history == opt.history
+    for name, p in resumed.model.named_parameters():
+        assert name in expected, name
+        assert torch.allclose(p, expected[name], atol=1e-6), name
