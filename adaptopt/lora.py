@@ -35,6 +35,11 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and hasattr(module.weight, "quant_state")
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """An FSDP2 ``DTensor`` parameter (duck-typed: torch.distributed may be absent)."""
+    return hasattr(t, "full_tensor")
+
+
 def linear_geometry(module: nn.Module) -> tuple[int, int, bool]:
     """``(in_features, out_features, fan_in_fan_out)`` of a linear-like module, or a ``TypeError``."""
     if isinstance(module, nn.Linear):
@@ -167,16 +172,36 @@ class LoRALinear(nn.Module):
         Used by the weight-only scores (SNR, SVD / CE / CS, norms) whatever the mode.
         """
         with torch.no_grad():
-            weight = self.base.weight.detach().float()
+            weight = self.base.weight.detach()
+            if is_sharded(weight):
+                weight = weight.full_tensor()  # FSDP2: every rank gathers the whole weight
+            weight = weight.float()
             weight = weight.T if self.fan_in_fan_out else weight
             delta = None if self.merged else self._learned_delta()
             return weight if delta is None else weight + delta
 
+    def check_transition(self, mode: Mode | str, rank: int | None = None) -> None:
+        """Raise ``ValueError`` if :meth:`set_mode` could not make this move (non-finite update,
+        or LoRA factors on an FSDP2-sharded weight); changes nothing."""
+        mode = Mode.coerce(mode)
+        rank = self.rank if rank is None else rank
+        if (mode, rank) == (self._mode, self.rank):
+            return
+        self._check_finite(self._learned_delta(), f"move to {mode.value} (rank {rank})")
+        if is_sharded(self.base.weight) and (mode is Mode.LORA or self.lora_A is not None):
+            raise ValueError(
+                f"cannot move layer {self._name()!r} to {mode.value}: its weight is sharded by FSDP2, and LoRA "
+                "factors started or folded after fully_shard() would not be sharded. Under FSDP2 only FROZEN ↔ "
+                "FULL moves work (policies full, frozen, spectrum, topk, layerwise_lr); for LoRA policies use "
+                "DDP (adaptopt.integrations.ddp.AdaptiveDDP).")
+
+    def _name(self) -> str:
+        return self.target.name if self.target is not None else type(self).__name__
+
     def _check_finite(self, delta: torch.Tensor | None, action: str) -> None:
         if delta is not None and not bool(torch.isfinite(delta).all()):
-            name = self.target.name if self.target is not None else type(self).__name__
             raise ValueError(
-                f"cannot {action} layer {name!r}: its learned update contains NaN or inf, so the layer was "
+                f"cannot {action} layer {self._name()!r}: its learned update contains NaN or inf, so the layer was "
                 "left unchanged. Lower the learning rate or clip gradients, and restore finite factors "
                 "(e.g. from a checkpoint) before retrying.")
 
@@ -229,6 +254,7 @@ class LoRALinear(nn.Module):
         check_rank_alpha(rank, self.alpha)
         if mode is self._mode and rank == self.rank:
             return
+        self.check_transition(mode, rank)
         was_merged = self.merged
         self.unmerge()
         try:
@@ -239,7 +265,6 @@ class LoRALinear(nn.Module):
 
     def _transition(self, mode: Mode, rank: int) -> None:
         delta = self._adapter_delta()
-        self._check_finite(delta, f"move to {mode.value} (rank {rank})")
         if delta is not None:
             if mode is not Mode.LORA:
                 self._add_to_base_weight(delta)

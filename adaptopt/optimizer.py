@@ -261,8 +261,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         changing = {name: d for name, d in decisions.items()
                     if (d.mode, d.rank or self.layers[name].rank) != (self.layers[name].mode, self.layers[name].rank)}
         for name, decision in changing.items():  # check every layer first: a failed decision changes nothing
-            module = self.layers[name]
-            module._check_finite(module._learned_delta(), f"move to {decision.mode.value}")
+            self.layers[name].check_transition(decision.mode, decision.rank)
         for name, decision in decisions.items():
             module = self.layers[name]
             before = (module.mode, module.rank, self.lr_scales[name])

@@ -225,7 +225,6 @@ class QuantLoRALinear(LoRALinear):
     # ---------------------------------------------------------------- transitions
     def _transition(self, mode: Mode, rank: int) -> None:
         delta = self._learned_delta()
-        self._check_finite(delta, f"move to {mode.value} (rank {rank})")
         dtype, device = self._weight_dtype(), self._weight_device()
         new_scaling = lora_scaling(self.alpha, rank, self.rslora)
         if mode is Mode.FULL:

@@ -7,6 +7,9 @@ Scenarios (one launch, to pay the process start-up once):
   only the rebuild's broadcast makes them agree) and promotes a block; AdaptiveDDP.
 - ``automode``: AutoMode deciding from gradient scores each rank measures on different data.
 - ``plain_ddp``: the scheduled run under a DDP built once (the failure AdaptiveDDP prevents).
+- ``fsdp2_toggle``: FSDP2 (``fully_shard`` per block), blocks moving FROZEN ↔ FULL at step 3,
+  then a refused move to LORA.
+- ``fsdp2_spectrum``: Spectrum choosing FULL blocks from SNR computed on sharded weights.
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adaptopt import AdaptiveOptimizer, LayerDecision, Mode, Policy  # noqa: E402
+from adaptopt import AdaptiveOptimizer, LayerDecision, Mode, Policy, inject_adapters  # noqa: E402
 
+SCENARIOS = ("scheduled", "automode", "plain_ddp", "fsdp2_toggle", "fsdp2_spectrum")
 STEPS = 6
 BATCH = 8  # global batch; each of 2 ranks gets 4 rows
 RANK_SEED = 1000
@@ -43,6 +47,21 @@ class Scheduled(Policy):
         return out
 
 
+class Toggle(Policy):
+    """Block 1 FULL, block 0 FROZEN; at step 3 the other way round (no LoRA: FSDP2-compatible)."""
+
+    method = "toggle"
+
+    def initial(self, layers, scores):
+        return {n: LayerDecision(Mode.FULL if "layer.1." in n else Mode.FROZEN) for n in layers}
+
+    def is_decision_step(self, step, steps_per_epoch):
+        return step == 3
+
+    def decide(self, layers, scores, step, steps_per_epoch):
+        return {n: LayerDecision(Mode.FULL if "layer.0." in n else Mode.FROZEN) for n in layers}
+
+
 def build_model() -> torch.nn.Module:
     import transformers
     torch.manual_seed(0)
@@ -59,6 +78,10 @@ def batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def make_optimizer(model: torch.nn.Module, scenario: str) -> AdaptiveOptimizer:
+    if scenario == "fsdp2_toggle":
+        return AdaptiveOptimizer(model, lr=1e-2, policy=Toggle())
+    if scenario == "fsdp2_spectrum":
+        return AdaptiveOptimizer(model, lr=1e-2, policy={"method": "spectrum", "top_percent": 50})
     if scenario == "automode":
         policy = {"method": "automode", "u": 2, "t": 50, "bottom": 0, "rank": 2, "score_steps": 1}
         return AdaptiveOptimizer(model, lr=1e-2, policy=policy, rank=2, steps_per_epoch=STEPS // 2)
@@ -68,9 +91,19 @@ def make_optimizer(model: torch.nn.Module, scenario: str) -> AdaptiveOptimizer:
 def train(scenario: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
     """Train and return every parameter, the loss per step and the layer modes (as codes)."""
     model = build_model()
+    fsdp = scenario.startswith("fsdp2")
+    if fsdp:  # adapters exist before sharding; the optimizer is built on the sharded model
+        inject_adapters(model, mode=Mode.FROZEN)
+        if world > 1:
+            from torch.distributed.fsdp import fully_shard
+            for block in model.bert.encoder.layer:
+                fully_shard(block)
+            fully_shard(model)
     opt = make_optimizer(model, scenario)
     torch.manual_seed(RANK_SEED + rank)  # factors started later differ per rank unless synchronised
-    if world > 1 and scenario == "plain_ddp":
+    if fsdp:
+        runner = model
+    elif world > 1 and scenario == "plain_ddp":
         runner = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     elif world > 1:
         from adaptopt.integrations.ddp import AdaptiveDDP
@@ -86,7 +119,18 @@ def train(scenario: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tenso
         opt.step()
         opt.zero_grad()
         losses.append(loss.detach())
-    result = {f"param/{n}": p.detach().clone() for n, p in model.named_parameters()}
+    result = {}
+    if fsdp and world > 1:
+        name = next(iter(opt.layers))
+        modes = [m.mode for m in opt.layers.values()]
+        try:
+            opt.apply({name: Mode.LORA})
+            refused = 0
+        except ValueError as err:
+            refused = int("FSDP2" in str(err) and modes == [m.mode for m in opt.layers.values()])
+        result["lora_refused"] = torch.tensor(refused)
+    result.update({f"param/{n}": (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                   for n, p in model.named_parameters()})
     result["losses"] = torch.stack(losses)
     result["modes"] = torch.tensor([list(Mode).index(m.mode) * 100 + m.rank for m in opt.layers.values()])
     result["rebuilds"] = torch.tensor(getattr(runner, "rebuilds", -1))
@@ -99,9 +143,10 @@ def main() -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
-    for scenario in ("scheduled", "automode", "plain_ddp"):
+    for scenario in SCENARIOS:
         result = train(scenario, rank, world)
         save_file({k: v.contiguous() for k, v in result.items()}, str(out / f"{scenario}.rank{rank}.safetensors"))
+    torch.distributed.barrier()  # nobody tears down gloo while a peer still communicates
     torch.distributed.destroy_process_group()
 
 

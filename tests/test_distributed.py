@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,12 @@ def ranks(tmp_path_factory) -> Path:
         pytest.skip("torch.distributed is not available in this build")
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(out)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if run.returncode != 0 and "terminate called without an active exception" in run.stderr:
+        # seen once in ~20 launches here: a process aborting in gloo's teardown; launch once more
+        warnings.warn("torchrun worker aborted in teardown; relaunching once")
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out
 
@@ -75,3 +80,19 @@ def test_a_ddp_built_once_lets_ranks_drift_after_a_transition(ranks):
     r0, r1 = _load(ranks, "plain_ddp")
     drift = max(float((r0[n] - r1[n]).abs().max()) for n in _params(r0))
     assert drift > 1e-3
+
+
+@pytest.mark.parametrize("scenario", ["fsdp2_toggle", "fsdp2_spectrum"])
+def test_fsdp2_frozen_full_moves_match_one_process(ranks, scenario):
+    """FSDP2 reduce-scatters whatever has a gradient: FROZEN ↔ FULL moves of existing weights
+    keep ranks identical and equal to one process; Spectrum scores the gathered weights."""
+    r0, r1 = _load(ranks, scenario)
+    single = distributed_worker.train(scenario)
+    assert torch.equal(r0["modes"], r1["modes"]) and torch.equal(r0["modes"], single["modes"])
+    assert len(set((r0["modes"] // 100).tolist())) == 2  # some FULL, some FROZEN
+    for name in _params(single):
+        assert torch.equal(r0[name], r1[name]), f"ranks differ at {name}"
+        diff = float((single[name] - r0[name]).abs().max())
+        assert diff <= 1e-5, f"{name}: FSDP2 vs single process differ by {diff:.2e}"
+    assert torch.allclose((r0["losses"] + r1["losses"]) / 2, single["losses"], atol=1e-5)
+    assert int(r0["lora_refused"]) == 1  # LoRA under FSDP2: a clear error, nothing changed
