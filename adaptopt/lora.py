@@ -206,7 +206,10 @@ class LoRALinear(nn.Module):
                 "(e.g. from a checkpoint) before retrying.")
 
     def _add_to_base_weight(self, delta: torch.Tensor) -> None:
-        """``W ← W + ΔW`` in place (fp32 arithmetic, one rounding), keeping the Parameter's identity."""
+        """``W ← W + ΔW`` in place (fp32 arithmetic, one rounding), keeping the Parameter's identity.
+        An all-zero ``ΔW`` (a fresh adapter) leaves ``W`` untouched, and unmarked as changed."""
+        if not bool(delta.any()):
+            return
         w = self.base.weight
         mark_changed(w)
         with torch.no_grad():

@@ -11,37 +11,16 @@ really trains its base weight afterwards.
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 from adaptopt import AdaptiveOptimizer, Mode
-
-
-def make_task(n: int, vocab: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sentences of random tokens; the label says whether token 1 occurs more often than token 2."""
-    tokens = torch.randint(3, vocab, (n, length), generator=generator)
-    marks = torch.randint(0, 3, (n, length), generator=generator)
-    tokens = torch.where(marks == 0, torch.ones_like(tokens), tokens)
-    tokens = torch.where((marks == 1) & (torch.rand(n, length, generator=generator) < 0.8), 2, tokens)
-    labels = ((tokens == 1).sum(1) > (tokens == 2).sum(1)).long()
-    return tokens, labels
-
-
-def accuracy(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        predicted = model(input_ids=tokens).logits.argmax(-1)
-    model.train()
-    return float((predicted == labels).float().mean())
+from synthetic_task import accuracy, make_task, tiny_bert
 
 
 def main(steps: int = 120, promote_at: int = 60) -> dict[str, float]:
-    torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    config = BertConfig(vocab_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=32, num_labels=2)
-    model = BertForSequenceClassification(config)
-    train_x, train_y = make_task(2048, 32, 24, generator)
-    test_x, test_y = make_task(512, 32, 24, generator)
+    model = tiny_bert(seed=0)
+    train_x, train_y = make_task(2048, generator)
+    test_x, test_y = make_task(512, generator)
 
     # injects LoRA (r=8) into query/key/value/dense; the classifier head trains by default
     optimizer = AdaptiveOptimizer(model, lr=2e-3, lora_lr=2e-3, policy="lora", rank=8, alpha=16)

@@ -94,3 +94,30 @@ def assert_same_snapshot(before: dict, after: dict) -> None:
     assert before["tensors"].keys() == after["tensors"].keys()
     for key, value in before["tensors"].items():
         torch.testing.assert_close(after["tensors"][key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+def torchrun(script, *args: str, processes: int = 2, timeout: float = 180.0):
+    """Run ``script`` under ``torchrun --standalone`` on CPU; returns the finished process.
+
+    Relaunched once if a launch hangs past ``timeout`` or aborts in gloo's teardown ("terminate
+    called without an active exception"), each seen once in about twenty launches here.
+    """
+    import os
+    import subprocess
+    import sys
+    import warnings
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(script), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in range(2):
+        try:
+            run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if attempt:
+                raise
+            warnings.warn(f"torchrun {script} hung for {timeout:.0f} s; relaunching once")
+            continue
+        if run.returncode == 0 or attempt or "terminate called without an active exception" not in run.stderr:
+            return run
+        warnings.warn(f"torchrun {script} aborted in teardown; relaunching once")
+    return run

@@ -2,10 +2,6 @@
 transitions, and equal a single process on the full batch (DESIGN section 5)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +11,7 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from tests import distributed_worker  # noqa: E402
+from tests.helpers import torchrun  # noqa: E402
 
 WORKER = Path(distributed_worker.__file__)
 
@@ -24,13 +21,7 @@ def ranks(tmp_path_factory) -> Path:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(out)]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    if run.returncode != 0 and "terminate called without an active exception" in run.stderr:
-        # seen once in ~20 launches here: a process aborting in gloo's teardown; launch once more
-        warnings.warn("torchrun worker aborted in teardown; relaunching once")
-        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    run = torchrun(WORKER, out)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out
 

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))  # the examples import their shared synthetic_task module
 
 
 def load(name: str):
@@ -22,6 +25,36 @@ def test_raw_loop_example_promotes_without_changing_the_model_and_then_trains():
     assert result["logit_change"] < 1e-5
     assert result["moved"] > 0
     assert result["accuracy"] > result["majority"]
+
+
+def test_hf_trainer_example_trains_decides_and_saves(tmp_path):
+    pytest.importorskip("accelerate")
+    result = load("hf_trainer").main(str(tmp_path), epochs=3)
+    assert result["steps_per_epoch"] == 32 and result["transitions"] >= 1
+    assert result["accuracy"] > 0.6
+    assert (tmp_path / "adapters" / "adapters.safetensors").is_file()
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_accelerate_example_steps_once_per_accumulation():
+    pytest.importorskip("accelerate")
+    result = load("accelerate_loop").main(epochs=3)
+    assert result["steps"] == 96  # 3 epochs × 64 batches / accumulation 2
+    assert result["decisions"] and result["accuracy"] > 0.6
+
+
+def test_save_load_export_example_reproduces_the_logits(tmp_path):
+    pytest.importorskip("peft")
+    gaps = load("save_load_export").main(str(tmp_path), steps=20)
+    assert gaps["adapters"] == 0.0 and gaps["peft"] <= 1e-5 and gaps["merged"] <= 1e-5
+
+
+def test_ddp_torchrun_example_keeps_ranks_identical(tmp_path):
+    from tests.helpers import torchrun
+    run = torchrun(EXAMPLES / "ddp_torchrun.py", tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world"] == 2 and result["ranks_identical"] and result["rebuilds"] >= 1
 
 
 def test_every_policy_example_in_the_readme_runs():
