@@ -73,4 +73,7 @@ class AdaptiveDDP:
         return self.wrapper(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["wrapper"], name)
+        wrapper = self.__dict__.get("wrapper")
+        if wrapper is None:
+            raise AttributeError(name)
+        return getattr(wrapper, name)

@@ -92,3 +92,23 @@ def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path)
     for name, p in resumed.model.named_parameters():
         assert name in expected, name
         assert torch.allclose(p, expected[name], atol=1e-6), name
+
+
+def test_from_training_args_takes_the_trainers_hyperparameters(tmp_path):
+    from adaptopt.integrations.hf import from_training_args
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, weight_decay=0.05,
+                                          adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-7, report_to=[],
+                                          use_cpu=True)
+    opt = from_training_args(tiny_bert(), args, policy="lora", lora_lr=1e-3)
+    assert (opt.lr, opt.lora_lr) == (3e-4, 1e-3)
+    assert opt.defaults["betas"] == (0.8, 0.95) and opt.defaults["eps"] == 1e-7
+    assert opt.defaults["weight_decay"] == 0.05
+
+
+def test_the_callback_without_an_adaptive_optimizer_says_what_to_pass(tmp_path):
+    model = tiny_bert()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True,
+                                          disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(8, 1), callbacks=[AdaptoptCallback()])
+    with pytest.raises(ValueError, match=r"optimizers=\(AdaptiveOptimizer\(model"):
+        trainer.train()
