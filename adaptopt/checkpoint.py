@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .changes import is_changed
+from .changes import is_changed, mark_changed
 from .inject import TargetInfo, find_adapters
 from .lora import LoRALinear, is_quantized_linear, linear_geometry
 from .modes import Mode
@@ -323,6 +323,7 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> dict[str, L
                 target = params[key]
                 snapshots.append((target, target.detach().clone()))
                 target.copy_(f.get_tensor(key).to(target.device))
+        mark_changed(*(params[key] for key in layout))  # they differ from the base: a later save keeps them
         for name, record in config["layers"].items():
             if record["merged"]:
                 if isinstance(built[name], QuantLoRALinear):

@@ -84,6 +84,13 @@ def test_save_then_load_into_a_fresh_base_model_gives_identical_logits(kind, tmp
     assert f"{block1[-1]}.base.weight" not in keys and f"{block1[-1]}.lora_A" in keys
     assert not any("embed" in k or "wte" in k for k in keys)
     assert all(f"{n}.base.weight" in keys for n in opt.layers if ".0." in n)  # FULL
+    # saved again from the loaded model (nothing trainable now), everything still comes back
+    for p in restored.parameters():
+        p.requires_grad_(False)
+    save_adapters(restored, tmp_path / "again")
+    again = fresh(kind)
+    load_adapters(again, tmp_path / "again")
+    assert torch.equal(logits(again), logits(model))
 
 
 def test_quantized_round_trip_keeps_deltas_and_frozen_factors(tmp_path):
