@@ -1,0 +1,208 @@
+"""The ``adaptopt`` command.
+
+::
+
+    adaptopt demo                      # MiniLM on Rotten Tomatoes: 7 methods × 2 seeds, table + plots
+    adaptopt train CONFIG.yaml         # one fine-tune, evaluated and saved (adapters + merged model)
+    adaptopt compare CONFIG.yaml       # methods × seeds: results.csv, summary.{json,md}, compare.png
+    adaptopt scan MODEL                # per-layer Spectrum SNR, and what top_percent would select
+
+Every input is checked before anything trains; a bad one stops with one message naming the
+file, the key and what was expected (exit code 2, and ``error.log`` in the output directory).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import ConfigError, load_yaml, normalise
+
+DEMO_YAML = """\
+# The main job: MiniLM-L6 on Rotten Tomatoes snippets (held-out movies), seven methods × two seeds.
+name: minilm-rotten-tomatoes
+model: minilm
+data: {name: rotten_tomatoes, max_train: 2400, max_eval: 1200}
+training: {epochs: 1, batch_size: 16, eval_batch_size: 64, lr: 5.0e-5, lora_lr: 5.0e-4, max_length: 64,
+           warmup_ratio: 0.06, logging_steps: 25}
+fine_tuning:
+  method: lora
+  lora: {r: 16, alpha: 32}
+compare:
+  seeds: [0, 1]
+  methods:
+    - full
+    - {method: lora, label: lora r=16}
+    - {method: automode, label: automode u=6 t=10, automode: {u: 6, t: 10}}
+    - {method: spectrum, label: spectrum 50%, spectrum: {snr_threshold: 0.5}}
+    - {method: alors, label: alors, alors: {r_high: 16, r_low: 4}}
+    - bitfit
+    - {method: topk, label: top-2 blocks, topk: {k: 2}}
+output_dir: runs/demo
+"""
+
+
+def _fail(message: str, output_dir: str | None) -> int:
+    print(f"adaptopt: error: {message}", file=sys.stderr)
+    if output_dir:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "error.log").write_text(message + "\n")
+    return 2
+
+
+def _config(path: str | None, text: str | None, output_dir: str | None) -> dict[str, Any]:
+    if text is not None:
+        import yaml
+        raw, source = yaml.safe_load(text), "<embedded demo config>"
+    else:
+        raw, source = load_yaml(path), str(path)
+    config = normalise(raw, source)
+    if output_dir:
+        config["output_dir"] = output_dir
+    return config
+
+
+def _validate(config: dict[str, Any], methods: Sequence[dict[str, Any]]) -> Any:
+    """Load the data and build every method once (model + optimizer): all errors before training."""
+    from .data import load_data
+    from .runner import build
+    data = load_data(config["data"])
+    built = None
+    for method_cfg in methods:
+        built = build(config, method_cfg, config["seeds"][0], data)
+    return data, built
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .runner import train_run
+    config = _config(args.config, None, args.output_dir)
+    method = config["fine_tuning"]
+    _, built = _validate(config, [method])
+    out = Path(config["output_dir"])
+    result = train_run(config, method, config["training"]["seed"], out, progress=not args.no_progress, built=built)
+    print(json.dumps({k: v for k, v in result.items() if k != "run_dir"}, indent=1))
+    print(f"run written to {out} (result.json, decisions.json, plots, adapters/, merged/)")
+    return 0
+
+
+def run_compare(config: dict[str, Any]) -> list[dict[str, Any]]:
+    from adaptopt.report import markdown_table, plot_compare, write_tables
+    from .runner import compare_runs
+    if not config["methods"]:
+        raise ConfigError(f"{config['source']}: compare.methods: list the methods to compare")
+    _validate(config, config["methods"])
+    out = Path(config["output_dir"])
+    rows = compare_runs(config, out)
+    summary = write_tables(rows, out)
+    plot_compare(summary, out / "compare.png")
+    print()
+    print(f"{config['name']}: {len(config['seeds'])} seed(s) per method; model {config['model']}, data "
+          f"{config['data'].get('name') or config['data'].get('path')}")
+    print(markdown_table(summary))
+    print(f"\nwritten to {out}: results.csv, summary.json, summary.md, compare.png, runs/*/(heatmap|modes|ranks).png")
+    return summary
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    config = _config(args.config, None, args.output_dir)
+    if args.seeds:
+        config["seeds"] = [int(s) for s in args.seeds.split(",")]
+    run_compare(config)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    config = _config(None, DEMO_YAML, args.output_dir)
+    if args.seeds:
+        config["seeds"] = [int(s) for s in args.seeds.split(",")]
+    run_compare(config)
+    return 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from adaptopt import AdaptiveOptimizer, Spectrum
+    from .models import load_model
+    model_cfg = {"path": args.model} if Path(args.model).exists() else {"name": args.model}
+    try:
+        model, _ = load_model(model_cfg, "base")
+        opt = AdaptiveOptimizer(model, policy=Spectrum(top_percent=args.top_percent, mode=args.mode))
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"scan {args.model}: {err}") from None
+    key = "signal_fraction" if args.mode == "mp" else "signal_fraction_compat"
+    snr = "snr" if args.mode == "mp" else "snr_compat"
+    rows = [{"layer": n, "type": m.layer_type, "snr": opt.scores[n].get(snr), "signal_fraction": opt.scores[n].get(key),
+             "selected": m.mode.value == "full"} for n, m in opt.layers.items()]
+    width = max(len(r["layer"]) for r in rows)
+    print(f"{'layer'.ljust(width)}  {'SNR':>10}  {'signal %':>8}  selected (top {args.top_percent:g}% per type, "
+          f"{args.mode})")
+    for r in rows:
+        print(f"{r['layer'].ljust(width)}  {r['snr']:>10.4g}  {100 * r['signal_fraction']:>7.1f}%  "
+              f"{'yes' if r['selected'] else ''}")
+    selected = sum(r["selected"] for r in rows)
+    print(f"{selected} of {len(rows)} layers selected")
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "scan.json").write_text(json.dumps({"model": args.model, "mode": args.mode,
+                                                   "top_percent": args.top_percent, "layers": rows}, indent=1))
+        print(f"written to {out / 'scan.json'}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adaptopt", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="one fine-tune from a YAML config")
+    train.add_argument("config")
+    train.add_argument("--output-dir")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(run=cmd_train)
+    compare = sub.add_parser("compare", help="methods × seeds from a YAML config, with the comparison table")
+    compare.add_argument("config")
+    compare.add_argument("--output-dir")
+    compare.add_argument("--seeds", help="comma-separated seeds (overrides compare.seeds)")
+    compare.set_defaults(run=cmd_compare)
+    demo = sub.add_parser("demo", help="the main job: MiniLM on Rotten Tomatoes, seven methods (~30 min on 2 cores)")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--seeds", help="comma-separated seeds (default 0,1)")
+    demo.set_defaults(run=cmd_demo)
+    scan = sub.add_parser("scan", help="Spectrum SNR per layer and the selection top_percent makes")
+    scan.add_argument("model", help="registry name (minilm, smollm2-135m) or a model directory")
+    scan.add_argument("--top-percent", type=float, default=50.0)
+    scan.add_argument("--mode", choices=("mp", "compat"), default="mp")
+    scan.add_argument("--output-dir")
+    scan.set_defaults(run=cmd_scan)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as err:
+        return _fail(str(err), getattr(args, "output_dir", None) or _configured_output(args))
+    except ImportError as err:
+        return _fail(f"a missing package: {err}", getattr(args, "output_dir", None))
+
+
+def _configured_output(args: argparse.Namespace) -> str | None:
+    """The output_dir a config file names, if it can be read at all (for the error log)."""
+    path = getattr(args, "config", None)
+    if not path:
+        return None
+    try:
+        return str(load_yaml(path).get("output_dir") or "") or None
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Run configurations for the ``adaptopt`` command: YAML in the methods-framework seed's style.
+
+::
+
+    model: minilm                 # registry name, or {path: a local model directory}
+    data: {name: rotten_tomatoes, max_train: 2400, max_eval: 1000}
+    fine_tuning:
+      method: lora                # full | lora | qlora | spectrum | automode | alors | rank_allocation
+                                  # | layerwise_lr | bitfit | topk | frozen
+      lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: [query, value], bias: none}
+      quantization: {bits: 4, bnb_4bit_compute_dtype: float32, bnb_4bit_quant_type: nf4,
+                     bnb_4bit_use_double_quant: true}
+      spectrum: {snr_threshold: 0.5, layers_to_finetune: auto}
+      automode: {u: 6, t: 10}     # the method's own section: the policy's keyword arguments
+    training: {epochs: 1, batch_size: 16, lr: 5.0e-5, lora_lr: 5.0e-4, seed: 0, max_length: 64}
+    output_dir: runs/minilm
+    compare: {methods: [full, lora, automode], seeds: [0, 1]}   # for `adaptopt compare`
+
+The seed's own keys are accepted verbatim. ``spectrum.snr_threshold`` is a percentile (higher →
+fewer layers): it selects the top ``(1 − threshold) × 100`` % per layer type;
+``layers_to_finetune: [indices]`` trains exactly those blocks. Every key is checked; an
+unknown one stops with the file, the key and what was expected.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Mapping
+
+METHODS = ("full", "lora", "qlora", "spectrum", "automode", "alors", "rank_allocation", "layerwise_lr", "bitfit",
+           "topk", "frozen")
+TOP_KEYS = {"name", "model", "data", "fine_tuning", "training", "output_dir", "compare"}
+DATA_KEYS = {"name", "path", "text_column", "label_column", "group_column", "task", "eval_fraction", "max_train",
+             "max_eval", "split_seed"}
+MODEL_KEYS = {"name", "path"}
+TRAINING_KEYS = {"epochs", "batch_size", "eval_batch_size", "lr", "lora_lr", "seed", "max_length", "max_steps",
+                 "warmup_ratio", "weight_decay", "gradient_accumulation_steps", "logging_steps", "max_grad_norm",
+                 "train_other"}
+LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bias", "rslora"}
+QUANT_KEYS = {"bits", "bnb_4bit_compute_dtype", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "blocksize"}
+SPECTRUM_KEYS = {"snr_threshold", "layers_to_finetune", "top_percent", "mode", "rescan_epochs"}
+COMPARE_KEYS = {"methods", "seeds"}
+DEFAULT_TRAINING = {"epochs": 1, "batch_size": 16, "eval_batch_size": 64, "lr": 5e-5, "lora_lr": None, "seed": 0,
+                    "max_length": 64, "max_steps": -1, "warmup_ratio": 0.06, "weight_decay": 0.0,
+                    "gradient_accumulation_steps": 1, "logging_steps": 25, "max_grad_norm": 1.0,
+                    "train_other": False}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: names the file, the key and what was expected."""
+
+
+def _where(source: str, key: str) -> str:
+    return f"{source}: {key}" if key else source
+
+
+def _check_keys(section: Any, allowed: set[str], source: str, key: str) -> dict:
+    if section is None:
+        return {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{_where(source, key)}: expected a mapping, got {type(section).__name__} {section!r}")
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise ConfigError(f"{_where(source, key)}: unknown key(s) {unknown}; expected some of {sorted(allowed)}")
+    return dict(section)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """The YAML mapping in ``path``, or a ConfigError naming the file and the problem."""
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]}; {getattr(err, 'problem_mark', '')})"
+                          ) from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return dict(data)
+
+
+def normalise(raw: Mapping[str, Any], source: str = "<config>") -> dict:
+    """Check every key and fill defaults; returns a plain dict ready for :mod:`runner`."""
+    config = _check_keys(raw, TOP_KEYS, source, "")
+    for required in ("model", "data"):
+        if required not in config:
+            raise ConfigError(f"{source}: missing key {required!r}")
+    model = config["model"]
+    model = {"name": model} if isinstance(model, str) else _check_keys(model, MODEL_KEYS, source, "model")
+    if not model.get("name") and not model.get("path"):
+        raise ConfigError(f"{source}: model: give a registry name (minilm, smollm2-135m) or {{path: DIR}}")
+    data = config["data"]
+    data = {"name": data} if isinstance(data, str) else _check_keys(data, DATA_KEYS, source, "data")
+    if not data.get("name") and not data.get("path"):
+        raise ConfigError(f"{source}: data: give a registry name (rotten_tomatoes, bbc_news, chitchat) or "
+                          "{path: FILE_OR_DIR, text_column: ..., label_column: ...}")
+    training = {**DEFAULT_TRAINING, **_check_keys(config.get("training"), TRAINING_KEYS, source, "training")}
+    compare = _check_keys(config.get("compare"), COMPARE_KEYS, source, "compare")
+    fine_tuning = method_config(config.get("fine_tuning") or {"method": "lora"}, source, "fine_tuning")
+    methods = [method_config(m, source, f"compare.methods[{i}]", base=fine_tuning)
+               for i, m in enumerate(compare.get("methods", []))]
+    seeds = compare.get("seeds", [training["seed"]])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{source}: compare.seeds: expected a list of integers, got {seeds!r}")
+    return {"name": config.get("name") or Path(source).stem, "model": model, "data": data, "training": training,
+            "fine_tuning": fine_tuning, "methods": methods, "seeds": seeds,
+            "output_dir": str(config.get("output_dir") or f"runs/{Path(source).stem}"), "source": source}
+
+
+def method_config(value: Any, source: str, key: str, base: Mapping[str, Any] | None = None) -> dict:
+    """One method: a name (``"lora"``), or a ``fine_tuning``-style mapping, optionally with a
+    ``label`` for the table. Sections not given are taken from ``base`` (the file's
+    ``fine_tuning``), so ``lora.r`` set once applies to every method of a comparison."""
+    if isinstance(value, str):
+        value = {"method": value}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: {key}: expected a method name or mapping, got {value!r}")
+    value = dict(value)
+    method = value.get("method")
+    if method not in METHODS:
+        raise ConfigError(f"{source}: {key}.method: unknown method {method!r}; expected one of {list(METHODS)}")
+    allowed = {"method", "label", "lora", "quantization", "spectrum", method}
+    _check_keys(value, allowed, source, key)
+    merged = {k: copy.deepcopy(v) for k, v in (base or {}).items() if k in ("lora", "quantization")}
+    merged.update(value)
+    _check_keys(merged.get("lora"), LORA_KEYS, source, f"{key}.lora")
+    _check_keys(merged.get("quantization"), QUANT_KEYS, source, f"{key}.quantization")
+    _check_keys(merged.get("spectrum"), SPECTRUM_KEYS, source, f"{key}.spectrum")
+    if method not in ("lora", "quantization", "spectrum") and merged.get(method) is not None:
+        if not isinstance(merged[method], Mapping):
+            raise ConfigError(f"{source}: {key}.{method}: expected a mapping of the policy's arguments")
+    merged.setdefault("label", _default_label(merged))
+    return merged
+
+
+def _default_label(m: Mapping[str, Any]) -> str:
+    method = m["method"]
+    if method in ("lora", "qlora"):
+        return f"{method} r={(m.get('lora') or {}).get('r', 8)}"
+    return method

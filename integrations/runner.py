@@ -1,0 +1,187 @@
+"""One fine-tune (``adaptopt train``) and a grid of them (``adaptopt compare``).
+
+A run: load data and model, build ``AdaptiveOptimizer`` for the method, train with the HF
+Trainer (progress bars, linear warmup/decay, ``AdaptoptCallback``), evaluate (accuracy and
+macro-F1, or loss and perplexity), then write ``result.json``, ``decisions.json`` (every
+decision: step, layer, scores, mode, rank, LR scale; the trainable-parameter timeline) and
+the run's plots. ``compare`` runs each (method, seed) in a fresh process, so every run's peak
+memory (RSS) is its own.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import ConfigError
+from .data import TextData, load_data
+from .methods import optimizer_kwargs
+from .models import load_model
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def build(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: int, data: TextData | None = None):
+    """``(data, model, tokenizer, optimizer)``, or a ConfigError naming what cannot run."""
+    import transformers
+    from adaptopt import AdaptiveOptimizer
+    data = data or load_data(config["data"])
+    transformers.set_seed(seed)
+    model, tokenizer = load_model(config["model"], data.task, max(data.num_labels, 2))
+    where = f"{config['source']}: fine_tuning ({method_cfg['label']})"
+    try:
+        opt = AdaptiveOptimizer(model, **optimizer_kwargs(method_cfg, config["training"], where))
+    except (ValueError, TypeError, ImportError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {err}") from None
+    return data, model, tokenizer, opt
+
+
+def tokenized(data: TextData, tokenizer: Any, max_length: int, split: str) -> list[dict[str, Any]]:
+    texts = data.train_texts if split == "train" else data.eval_texts
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    rows = [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
+    if data.task == "classification":
+        labels = data.train_labels if split == "train" else data.eval_labels
+        for row, label in zip(rows, labels):
+            row["labels"] = label
+    return rows
+
+
+def collator(data: TextData, tokenizer: Any):
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
+    if data.task == "classification":
+        return DataCollatorWithPadding(tokenizer)
+    return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+
+
+def evaluate(model: Any, rows: list[dict[str, Any]], data: TextData, tokenizer: Any, batch_size: int,
+             progress: bool = True) -> dict[str, float]:
+    """Accuracy and macro-F1 (classification) or mean token loss and perplexity (causal LM)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    loader = DataLoader(rows, batch_size=batch_size, collate_fn=collator(data, tokenizer))
+    device = next(model.parameters()).device
+    model.eval()
+    predictions, losses, tokens = [], 0.0, 0
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch)
+            if data.task == "classification":
+                predictions += out.logits.argmax(-1).tolist()
+            else:
+                n = int((batch["labels"][:, 1:] != -100).sum())
+                losses += float(out.loss) * n
+                tokens += n
+    if data.task != "classification":
+        loss = losses / max(tokens, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    labels = data.eval_labels
+    accuracy = sum(p == t for p, t in zip(predictions, labels)) / len(labels)
+    f1s = []
+    for c in range(data.num_labels):
+        tp = sum(p == c and t == c for p, t in zip(predictions, labels))
+        fp = sum(p == c and t != c for p, t in zip(predictions, labels))
+        fn = sum(p != c and t == c for p, t in zip(predictions, labels))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return {"accuracy": accuracy, "f1": sum(f1s) / len(f1s), "majority": data.majority_rate()}
+
+
+class Timeline:
+    """A TrainerCallback recording trainable parameters and every layer's mode after each step."""
+
+    def __init__(self, opt: Any) -> None:
+        from transformers import TrainerCallback
+
+        class _Callback(TrainerCallback):
+            def on_step_end(inner, args, state, control, **kwargs):  # noqa: N805
+                self.record(state.global_step)
+
+        self.opt, self.callback = opt, _Callback()
+        self.steps: list[dict[str, Any]] = []
+        self.record(0)
+
+    def record(self, step: int) -> None:
+        self.steps.append({"step": step, "trainable": self.opt.trainable_parameter_count(),
+                           "modes": [m.mode.value for m in self.opt.layers.values()],
+                           "ranks": [m.rank for m in self.opt.layers.values()]})
+
+
+def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: int, run_dir: Path, *,
+              progress: bool = True, save: bool = True, built: tuple | None = None) -> dict[str, Any]:
+    """Train, evaluate, and write this run's files into ``run_dir``; returns the result row."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from adaptopt import export_merged, save_adapters
+    from adaptopt.report import plot_run
+    from .hf import AdaptoptCallback
+    data, model, tokenizer, opt = built or build(config, method_cfg, seed)
+    training = config["training"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_rows = tokenized(data, tokenizer, training["max_length"], "train")
+    eval_rows = tokenized(data, tokenizer, training["max_length"], "eval")
+    args = TrainingArguments(
+        output_dir=str(run_dir / "trainer"), per_device_train_batch_size=training["batch_size"],
+        num_train_epochs=training["epochs"], max_steps=training["max_steps"], learning_rate=training["lr"],
+        lr_scheduler_type="linear", warmup_steps=float(training["warmup_ratio"]), logging_steps=training["logging_steps"],
+        gradient_accumulation_steps=training["gradient_accumulation_steps"], max_grad_norm=training["max_grad_norm"],
+        save_strategy="no", eval_strategy="no", report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not progress, dataloader_num_workers=0)
+    timeline = Timeline(opt)
+    trainer = Trainer(model=model, args=args, train_dataset=train_rows, data_collator=collator(data, tokenizer),
+                      optimizers=(opt, None), callbacks=[AdaptoptCallback(), timeline.callback])
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    metrics = evaluate(model, eval_rows, data, tokenizer, training["eval_batch_size"], progress)
+    counts = [s["trainable"] for s in timeline.steps]
+    result = {"method": method_cfg["label"], "seed": seed, **metrics, "wall_time_s": wall,
+              "trainable_start": counts[0], "trainable_mean": sum(counts) / len(counts), "trainable_end": counts[-1],
+              "total_params": sum(p.numel() for p in model.parameters()), "peak_rss_mb": peak_rss_mb(),
+              "steps": opt.step_count, "train_examples": len(train_rows), "eval_examples": len(eval_rows),
+              "run_dir": str(run_dir)}
+    decisions = {"layers": list(opt.layers), "history": opt.history, "score_log": opt.score_log,
+                 "timeline": timeline.steps, "policy": opt.state_dict()["policy"]}
+    (run_dir / "decisions.json").write_text(json.dumps(decisions, indent=1, default=str))
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    plot_run(decisions, run_dir, title=f"{method_cfg['label']} (seed {seed})")
+    if save:
+        save_adapters(model, run_dir / "adapters")
+        export_merged(model, run_dir / "merged")
+        tokenizer.save_pretrained(run_dir / "merged")
+    return result
+
+
+def _child(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: int, run_dir: str) -> dict[str, Any]:
+    import torch
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    return train_run(config, method_cfg, seed, Path(run_dir), save=False)
+
+
+def compare_runs(config: Mapping[str, Any], out: Path) -> list[dict[str, Any]]:
+    """Every (method, seed) of the config, each in a fresh process; returns the result rows."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    rows = []
+    grid = [(m, s) for m in config["methods"] for s in config["seeds"]]
+    for i, (method_cfg, seed) in enumerate(grid, 1):
+        run_dir = out / "runs" / f"{_slug(method_cfg['label'])}-seed{seed}"
+        print(f"[{i}/{len(grid)}] {method_cfg['label']}, seed {seed} → {run_dir}", flush=True)
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows.append(pool.submit(_child, dict(config), dict(method_cfg), seed, str(run_dir)).result())
+    return rows
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label).strip("-").lower()
