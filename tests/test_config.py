@@ -1,0 +1,76 @@
+"""Run configs: the seed's keys map onto AdaptiveOptimizer arguments; bad keys name themselves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("yaml")
+from adaptopt.integrations.config import ConfigError, load_yaml, normalise  # noqa: E402
+from adaptopt.integrations.methods import optimizer_kwargs  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+BASE = {"model": "minilm", "data": "rotten_tomatoes"}
+
+
+def kwargs_for(fine_tuning: dict) -> dict:
+    config = normalise({**BASE, "fine_tuning": fine_tuning}, "t.yaml")
+    return optimizer_kwargs(config["fine_tuning"], config["training"], "t.yaml: fine_tuning")
+
+
+def test_the_seed_lora_and_qlora_blocks_map_verbatim():
+    lora = {"r": 16, "alpha": 32, "dropout": 0.05, "bias": "none",
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    k = kwargs_for({"method": "lora", "lora": lora})
+    assert (k["rank"], k["alpha"], k["dropout"], k["targets"]) == (16, 32.0, 0.05, lora["target_modules"])
+    assert k["policy"] == {"method": "lora", "rank": 16} and "quantize" not in k
+    quantization = {"bits": 4, "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_type": "nf4",
+                    "bnb_4bit_use_double_quant": True}
+    k = kwargs_for({"method": "qlora", "lora": lora, "quantization": quantization})
+    assert k["quantize"] == {"quant_type": "nf4", "compute_dtype": torch.bfloat16, "double_quant": True,
+                             "blocksize": 64}
+    assert kwargs_for({"method": "lora", "lora": {**lora, "bias": "all"}})["trainable"][-1] == "bias"
+
+
+def test_the_seed_spectrum_block_maps_to_a_percentile_or_fixed_blocks():
+    k = kwargs_for({"method": "spectrum", "spectrum": {"snr_threshold": 0.5, "layers_to_finetune": "auto"}})
+    assert k["policy"] == {"method": "spectrum", "top_percent": 50.0}
+    k = kwargs_for({"method": "spectrum", "spectrum": {"snr_threshold": 0.75}})
+    assert k["policy"]["top_percent"] == 25.0
+    k = kwargs_for({"method": "spectrum", "spectrum": {"layers_to_finetune": [0, 5]}})
+    assert k["policy"]["method"] == "fixed" and k["policy"]["default"] == "frozen"
+    from adaptopt import build_policy
+    from adaptopt.policies import name_matches
+    patterns = list(build_policy(k["policy"]).assignment)
+    assert any(name_matches(p, "bert.encoder.layer.5.attention.self.query") for p in patterns)
+    assert not any(name_matches(p, "bert.encoder.layer.4.attention.self.query") for p in patterns)
+    assert not any(name_matches(p, "bert.encoder.layer.15.output.dense") for p in patterns)
+
+
+def test_shipped_example_configs_validate():
+    from adaptopt.integrations.cli import DEMO_YAML
+    assert (EXAMPLES / "compare_minilm.yaml").read_text() == DEMO_YAML
+    for path in EXAMPLES.glob("*.yaml"):
+        config = normalise(load_yaml(path), str(path))
+        for method in config["methods"] or [config["fine_tuning"]]:
+            optimizer_kwargs(method, config["training"], str(path))
+    demo = normalise(load_yaml(EXAMPLES / "compare_minilm.yaml"), "demo")
+    labels = [m["method"] for m in demo["methods"]]
+    assert labels == ["full", "lora", "automode", "spectrum", "alors", "bitfit", "topk"]
+    assert demo["methods"][1]["lora"]["r"] == 16  # the file's lora section applies to every method
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({**BASE, "fine_tuning": {"method": "lora", "lora": {"rank": 8}}}, "fine_tuning.lora: unknown key(s) ['rank']"),
+    ({**BASE, "fine_tuning": {"method": "qlora", "quantization": {"bits": 8}}}, "only 4-bit"),
+    ({**BASE, "fine_tuning": {"method": "spectrum", "spectrum": {"snr_threshold": 2}}}, "percentile in [0, 1)"),
+    ({**BASE, "compare": {"methods": ["full", "loar"]}}, "compare.methods[1].method: unknown method 'loar'"),
+    ({"data": "rotten_tomatoes"}, "missing key 'model'"),
+    ({**BASE, "trainin": {}}, "unknown key(s) ['trainin']"),
+])
+def test_bad_configs_name_the_file_and_key(raw, message):
+    with pytest.raises(ConfigError) as err:
+        config = normalise(raw, "bad.yaml")
+        optimizer_kwargs(config["fine_tuning"], config["training"], "bad.yaml: fine_tuning")
+    assert message in str(err.value) and "bad.yaml" in str(err.value)
