@@ -45,6 +45,12 @@ output_dir: runs/demo
 """
 
 
+INSTALL_HINTS = {"transformers": "pip install 'adaptopt[hf]'", "accelerate": "pip install 'adaptopt[hf]'",
+                 "datasets": "pip install 'adaptopt[hf]'", "yaml": "pip install 'adaptopt[hf]' (PyYAML)",
+                 "tqdm": "pip install 'adaptopt[hf]'", "matplotlib": "pip install 'adaptopt[plot]'",
+                 "bitsandbytes": "pip install 'adaptopt[quant]'"}
+
+
 def _fail(message: str, output_dir: str | None) -> int:
     print(f"adaptopt: error: {message}", file=sys.stderr)
     if output_dir:
@@ -68,6 +74,8 @@ def _config(path: str | None, text: str | None, output_dir: str | None) -> dict[
 
 def _validate(config: dict[str, Any], methods: Sequence[dict[str, Any]]) -> Any:
     """Load the data and build every method once (model + optimizer): all errors before training."""
+    import matplotlib  # noqa: F401  (plots are drawn after training: fail now, not then)
+
     from .data import load_data
     from .runner import build
     data = load_data(config["data"])
@@ -190,7 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         return _fail(str(err), getattr(args, "output_dir", None) or _configured_output(args))
     except ImportError as err:
-        return _fail(f"a missing package: {err}", getattr(args, "output_dir", None))
+        hint = INSTALL_HINTS.get((err.name or "").split(".")[0])
+        message = f"missing package {err.name!r}: {hint}" if hint else f"a missing package: {err}"
+        return _fail(message, getattr(args, "output_dir", None) or _configured_output(args))
 
 
 def _configured_output(args: argparse.Namespace) -> str | None:

@@ -4,8 +4,9 @@ The seed's keys map as follows: ``lora.{r, alpha, dropout, target_modules}`` →
 ``alpha``, ``dropout``, ``targets``; ``lora.bias: all | lora_only`` → biases train too;
 ``quantization.*`` → ``quantize`` (4 bits only); ``spectrum.snr_threshold = p`` → Spectrum
 ``top_percent = (1 − p)·100``; ``spectrum.layers_to_finetune: [i, j]`` → those blocks FULL,
-the rest FROZEN. A section named after the method holds the policy's own arguments
-(``automode: {u: 6, t: 10}``).
+the rest FROZEN. ``full`` trains every parameter (embeddings too); other methods train the
+task head plus what their policy chooses (``training.train_other: true`` adds the rest). A
+section named after the method holds the policy's own arguments (``automode: {u: 6, t: 10}``).
 """
 from __future__ import annotations
 
@@ -77,7 +78,9 @@ def optimizer_kwargs(method_cfg: Mapping[str, Any], training: Mapping[str, Any],
         "lr": lr, "lora_lr": float(training["lora_lr"]) if training.get("lora_lr") else lr * LORA_LR_MULTIPLE,
         "rank": rank, "alpha": float(lora.get("alpha", 2 * rank)), "dropout": float(lora.get("dropout", 0.0)),
         "rslora": bool(lora.get("rslora", False)), "weight_decay": float(training.get("weight_decay", 0.0)),
-        "train_other": bool(training.get("train_other", False)), "trainable": tuple(trainable),
+        # full fine-tuning means every parameter, embeddings included (as in the seeds' Full-FT rows)
+        "train_other": bool(training.get("train_other", False)) or method_cfg["method"] == "full",
+        "trainable": tuple(trainable),
         "policy": policy_for(method_cfg, rank, where),
     }
     if lora.get("target_modules"):

@@ -133,3 +133,26 @@ def test_bad_input_stops_before_training_with_one_message(tiny, tmp_path, capsys
     assert err.count("adaptopt: error:") == 1
     if case != "yaml":  # a config that cannot be parsed names no output_dir to write into
         assert sorted(p.name for p in out.iterdir()) == ["error.log"]
+
+
+def test_train_a_causal_lm_reports_loss_and_perplexity(tiny, tmp_path):
+    """A tiny Llama on text only (no label column): perplexity falls well below the vocabulary size."""
+    import yaml
+    model_dir = tmp_path / "llama"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny["model"])
+    config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=64, pad_token_id=0)
+    transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("\n".join(json.dumps({"text": "the movie was good and the plot was great"})
+                               for _ in range(64)) + "\n")
+    run = {"model": {"path": str(model_dir)}, "data": {"path": str(texts), "task": "causal_lm"},
+           "training": {"epochs": 6, "batch_size": 8, "lr": 3e-3, "max_length": 16},
+           "fine_tuning": {"method": "full"}, "output_dir": str(tmp_path / "lm")}
+    (tmp_path / "lm.yaml").write_text(yaml.safe_dump(run))
+    assert main(["train", str(tmp_path / "lm.yaml"), "--no-progress"]) == 0
+    result = json.loads((tmp_path / "lm" / "result.json").read_text())
+    assert set(result) >= {"loss", "perplexity"} and "accuracy" not in result
+    assert result["perplexity"] < tokenizer.vocab_size / 3
