@@ -12,6 +12,7 @@
                      bnb_4bit_use_double_quant: true}
       spectrum: {snr_threshold: 0.5, layers_to_finetune: auto}
       automode: {u: 6, t: 10}     # the method's own section: the policy's keyword arguments
+      lr: 1.0e-3                  # optional: this method's own learning rates
     training: {epochs: 1, batch_size: 16, lr: 5.0e-5, lora_lr: 5.0e-4, seed: 0, max_length: 64}
     output_dir: runs/minilm
     compare: {methods: [full, lora, automode], seeds: [0, 1]}   # for `adaptopt compare`
@@ -111,8 +112,9 @@ def normalise(raw: Mapping[str, Any], source: str = "<config>") -> dict:
 
 def method_config(value: Any, source: str, key: str, base: Mapping[str, Any] | None = None) -> dict:
     """One method: a name (``"lora"``), or a ``fine_tuning``-style mapping, optionally with a
-    ``label`` for the table. Sections not given are taken from ``base`` (the file's
-    ``fine_tuning``), so ``lora.r`` set once applies to every method of a comparison."""
+    ``label`` for the table and its own ``lr`` / ``lora_lr`` (overriding ``training``'s).
+    Sections not given are taken from ``base`` (the file's ``fine_tuning``), so ``lora.r`` set
+    once applies to every method of a comparison."""
     if isinstance(value, str):
         value = {"method": value}
     if not isinstance(value, Mapping):
@@ -121,7 +123,7 @@ def method_config(value: Any, source: str, key: str, base: Mapping[str, Any] | N
     method = value.get("method")
     if method not in METHODS:
         raise ConfigError(f"{source}: {key}.method: unknown method {method!r}; expected one of {list(METHODS)}")
-    allowed = {"method", "label", "lora", "quantization", "spectrum", method}
+    allowed = {"method", "label", "lr", "lora_lr", "lora", "quantization", "spectrum", method}
     _check_keys(value, allowed, source, key)
     merged = {k: copy.deepcopy(v) for k, v in (base or {}).items() if k in ("lora", "quantization")}
     merged.update(value)

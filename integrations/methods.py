@@ -73,9 +73,10 @@ def optimizer_kwargs(method_cfg: Mapping[str, Any], training: Mapping[str, Any],
         raise ConfigError(f"{where}.lora.bias: expected none, all or lora_only, got {bias!r}")
     if bias != "none":
         trainable.append("bias")
-    lr = float(training["lr"])
+    lr = float(method_cfg.get("lr") or training["lr"])
+    lora_lr = method_cfg.get("lora_lr") or training.get("lora_lr")
     kwargs: dict[str, Any] = {
-        "lr": lr, "lora_lr": float(training["lora_lr"]) if training.get("lora_lr") else lr * LORA_LR_MULTIPLE,
+        "lr": lr, "lora_lr": float(lora_lr) if lora_lr else lr * LORA_LR_MULTIPLE,
         "rank": rank, "alpha": float(lora.get("alpha", 2 * rank)), "dropout": float(lora.get("dropout", 0.0)),
         "rslora": bool(lora.get("rslora", False)), "weight_decay": float(training.get("weight_decay", 0.0)),
         # full fine-tuning means every parameter, embeddings included (as in the seeds' Full-FT rows)

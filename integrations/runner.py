@@ -133,7 +133,7 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
     eval_rows = tokenized(data, tokenizer, training["max_length"], "eval")
     args = TrainingArguments(
         output_dir=str(run_dir / "trainer"), per_device_train_batch_size=training["batch_size"],
-        num_train_epochs=training["epochs"], max_steps=training["max_steps"], learning_rate=training["lr"],
+        num_train_epochs=training["epochs"], max_steps=training["max_steps"], learning_rate=opt.lr,
         lr_scheduler_type="linear", warmup_steps=float(training["warmup_ratio"]), logging_steps=training["logging_steps"],
         gradient_accumulation_steps=training["gradient_accumulation_steps"], max_grad_norm=training["max_grad_norm"],
         save_strategy="no", eval_strategy="no", report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(),

@@ -1,5 +1,6 @@
 """The real model on real data (slow: about a minute): MiniLM-L6 on Rotten Tomatoes snippets
-of held-out movies beats the majority class after a few dozen steps."""
+of held-out movies beats the majority class after 150 steps of AutoMode. (At 64 steps every
+method tried here — AutoMode, all-FULL — still predicted the majority class.)"""
 from __future__ import annotations
 
 import importlib.util
@@ -18,16 +19,17 @@ def test_minilm_on_rotten_tomatoes_beats_the_majority_class(tmp_path):
     import yaml
 
     from adaptopt.integrations.cli import main
-    config = {"model": "minilm", "data": {"name": "rotten_tomatoes", "max_train": 768, "max_eval": 400},
-              "training": {"epochs": 1, "batch_size": 16, "lr": 5e-5, "lora_lr": 5e-4, "max_length": 64,
+    config = {"model": "minilm", "data": {"name": "rotten_tomatoes", "max_train": 2400, "max_eval": 400},
+              "training": {"epochs": 1, "batch_size": 16, "lr": 1e-4, "lora_lr": 1e-3, "max_length": 64,
                            "logging_steps": 12},
               "fine_tuning": {"method": "automode", "lora": {"r": 16, "alpha": 32},
-                              "automode": {"u": 4, "t": 50, "score_steps": 2}},
+                              "automode": {"u": 3, "t": 34}},
               "output_dir": str(tmp_path / "run")}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", str(tmp_path / "run.yaml"), "--no-progress"]) == 0
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert result["steps"] == 48
+    assert result["steps"] == 150
     assert result["accuracy"] > result["majority"] + 0.03, result
     decisions = json.loads((tmp_path / "run" / "decisions.json").read_text())
-    assert {h["mode"] for h in decisions["history"]} >= {"full", "lora"}  # AutoMode mixed the modes
+    assert any(h["mode"] == "full" for h in decisions["history"])  # AutoMode promoted blocks ...
+    assert {"full", "lora"} <= set(decisions["timeline"][-1]["modes"])  # ... and kept others in LoRA
