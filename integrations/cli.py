@@ -75,7 +75,7 @@ def _config(path: str | None, text: str | None, output_dir: str | None) -> dict[
     return config
 
 
-def _validate(config: dict[str, Any], methods: Sequence[dict[str, Any]]) -> Any:
+def _validate(config: dict[str, Any], methods: Sequence[dict[str, Any]], seed: int) -> Any:
     """Load the data and build every method once (model + optimizer): all errors before training."""
     import matplotlib  # noqa: F401  (plots are drawn after training: fail now, not then)
 
@@ -84,7 +84,7 @@ def _validate(config: dict[str, Any], methods: Sequence[dict[str, Any]]) -> Any:
     data = load_data(config["data"])
     built = None
     for method_cfg in methods:
-        built = build(config, method_cfg, config["seeds"][0], data)
+        built = build(config, method_cfg, seed, data)
     return data, built
 
 
@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .runner import train_run
     config = _config(args.config, None, args.output_dir)
     method = config["fine_tuning"]
-    _, built = _validate(config, [method])
+    _, built = _validate(config, [method], config["training"]["seed"])
     out = Path(config["output_dir"])
     result = train_run(config, method, config["training"]["seed"], out, progress=not args.no_progress, built=built)
     print(json.dumps({k: v for k, v in result.items() if k != "run_dir"}, indent=1))
@@ -105,7 +105,7 @@ def run_compare(config: dict[str, Any]) -> list[dict[str, Any]]:
     from .runner import compare_runs
     if not config["methods"]:
         raise ConfigError(f"{config['source']}: compare.methods: list the methods to compare")
-    _validate(config, config["methods"])
+    _validate(config, config["methods"], config["seeds"][0])
     out = Path(config["output_dir"])
     rows = compare_runs(config, out)
     summary = write_tables(rows, out)

