@@ -79,7 +79,7 @@ def mode_counts(opt: AdaptiveOptimizer) -> dict[str, int]:
 
 def state_summary(opt: AdaptiveOptimizer) -> dict[str, Any]:
     """Modes, ranks, LR scales, latest scores and the transition history, as plain JSON."""
-    return {"step": opt.step_count, "steps_per_epoch": opt.steps_per_epoch, "policy": opt.state_dict()["policy"],
+    return {"step": opt.step_count, "steps_per_epoch": opt.steps_per_epoch, "policy": opt.policy.config(),
             "layers": {name: {"mode": m.mode.value, "rank": m.rank, "lr_scale": opt.lr_scales[name],
                               "scores": opt.scores.get(name, {})} for name, m in opt.layers.items()},
             "history": opt.history}

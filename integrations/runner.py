@@ -152,7 +152,7 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
               "steps": opt.step_count, "train_examples": len(train_rows), "eval_examples": len(eval_rows),
               "run_dir": str(run_dir)}
     decisions = {"layers": list(opt.layers), "history": opt.history, "score_log": opt.score_log,
-                 "timeline": timeline.steps, "policy": opt.state_dict()["policy"]}
+                 "timeline": timeline.steps, "policy": opt.policy.config()}
     (run_dir / "decisions.json").write_text(json.dumps(decisions, indent=1, default=str))
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     plot_run(decisions, run_dir, title=f"{method_cfg['label']} (seed {seed})")
@@ -164,8 +164,6 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
 
 
 def _child(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: int, run_dir: str) -> dict[str, Any]:
-    import torch
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     return train_run(config, method_cfg, seed, Path(run_dir), save=False)
 
 
