@@ -20,6 +20,7 @@ from .factors import (
     check_rank_alpha, factors_from_svd, fresh_factors, grow_factors, lora_scaling, svd_of_product,
 )
 from .changes import mark_changed
+from .fused import FusedLoRALinear, can_fuse
 from .modes import Mode
 
 
@@ -135,8 +136,21 @@ class LoRALinear(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fusable(x):
+            base = self.base
+            return FusedLoRALinear.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling,
+                                         self.fan_in_fan_out)
         out = self.base(x)
         return self._add_adapter(x, out)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """LORA mode over a plain ``nn.Linear`` / ``Conv1D`` base without hooks of its own and
+        no adapter dropout: one autograd node does it all (:mod:`adaptopt.fused`)."""
+        base = self.base
+        return (self.lora_A is not None and not self.merged and isinstance(self.dropout, nn.Identity)
+                and (type(base) is nn.Linear or is_conv1d(base))
+                and not (base._forward_hooks or base._forward_pre_hooks)
+                and can_fuse(x, base.weight, base.bias, self.lora_A))
 
     def _add_adapter(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         a = self.lora_A
