@@ -14,7 +14,7 @@ from torch import nn
 from adaptopt import LoRALinear, Mode
 from adaptopt.hooks import StatsCollector
 from adaptopt.scores import (
-    UniformScoresError, cosine_metric, cross_entropy_metric, mp_median, normalise, singular_values, spectrum_snr,
+    SNR_MODES, UniformScoresError, cosine_metric, cross_entropy_metric, mp_median, normalise, singular_values, spectrum_snr,
     svd_metric, unit_importance, weight_norms, weight_scores,
 )
 from tests.helpers import make_base, randomize_adapter
@@ -86,12 +86,40 @@ def test_mp_median_matches_a_large_sample():
         assert float((s ** 2 / n).quantile(0.5)) == pytest.approx(mp_median(m / n), abs=4e-3)
 
 
-def test_batched_singular_values_equal_one_matrix_at_a_time():
-    weights = {f"w{i}": _gaussian(*shape, i) for i, shape in enumerate([(8, 12), (8, 12), (12, 8), (8, 12), (5, 5)])}
-    batched = singular_values(weights)
-    assert list(batched) == list(weights)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_gram_singular_values_match_svdvals_in_float64(workers):
+    low_rank = _gaussian(40, 3, 7) @ _gaussian(3, 24, 8) + 1e-3 * _gaussian(40, 24, 9)  # spans 4 decades
+    weights = {f"w{i}": _gaussian(*shape, i) for i, shape in enumerate([(8, 12), (8, 12), (12, 8), (1, 9), (5, 5)])}
+    weights["low_rank"] = low_rank
+    weights["tied"] = weights["w0"]  # the same tensor under two names: computed once, reported twice
+    fast = singular_values(weights, workers=workers)
+    assert list(fast) == list(weights) and fast["tied"] is fast["w0"]
     for name, w in weights.items():
-        torch.testing.assert_close(batched[name], torch.linalg.svdvals(w), rtol=1e-5, atol=1e-6)
+        exact = torch.linalg.svdvals(w.double())
+        assert fast[name].dtype == torch.float32 and fast[name].shape == exact.shape
+        # fp32 output rounding, plus the Gram route's eps64·σ_max²/σ_i (negligible here)
+        torch.testing.assert_close(fast[name].double(), exact, rtol=2e-7, atol=1e-12 * float(exact[0]))
+        torch.testing.assert_close(singular_values({name: w}, method="svd")[name], torch.linalg.svdvals(w))
+    with pytest.raises(ValueError, match="method"):
+        singular_values(weights, method="qr")
+
+
+def test_gram_and_svd_rank_layers_identically_in_both_snr_modes():
+    generator = torch.Generator().manual_seed(0)
+    weights = {}
+    for i in range(24):  # three layer shapes, signal ranks and noise levels that vary layer to layer
+        m, n = ((96, 96), (192, 96), (96, 192))[i % 3]
+        k = int(torch.randint(1, 24, (1,), generator=generator))
+        signal = torch.randn(m, k, generator=generator) @ torch.randn(k, n, generator=generator) / k ** 0.5
+        weights[f"layers.{i // 3}.t{i % 3}"] = signal + float(torch.rand(1, generator=generator)) * 3 * torch.randn(
+            m, n, generator=generator)
+    for mode in SNR_MODES:
+        ranked = {}
+        for method in ("gram", "svd"):
+            snr = spectrum_snr(weights, mode, singular_values(weights, method=method))
+            ranked[method] = [sorted((name for name in weights if name.endswith(t)), key=lambda n: -snr[n]["snr"])
+                              for t in ("t0", "t1", "t2")]
+        assert ranked["gram"] == ranked["svd"]
 
 
 # ---------------------------------------------------------------- SVD / CE / CS
