@@ -27,7 +27,8 @@ def _inputs_require_grad(module: nn.Module, args: tuple) -> tuple | None:
     """Forward pre-hook: a frozen layer below every trainable one gets an input that requires
     grad, so that ``δ`` reaches it on scoring steps (its input is a leaf: nothing upstream trains)."""
     x = args[0]
-    if module.training and torch.is_grad_enabled() and not x.requires_grad:
+    if (module.training and torch.is_grad_enabled() and not x.requires_grad
+            and not any(p.requires_grad for p in module.parameters())):  # a trainable layer's output has δ anyway
         return (x.detach().requires_grad_(True), *args[1:])
     return None
 
