@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import multiprocessing
 import os
 import statistics
@@ -98,10 +99,10 @@ def saved_bytes(model, data) -> int:
 
 
 def peak_rss_child(kind: str, batch: int, seq: int) -> float:
-    import resource
+    from integrations.runner import peak_rss_mb
     model, opt = build(kind, base_model())
     train_steps(model, opt, batches(3, batch, seq))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def main() -> None:
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
+    parser.add_argument("--memory-only", action="store_true", help="skip the timing (peak RSS and saved bytes only)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kinds = args.candidates.split(",")
@@ -120,7 +122,7 @@ def main() -> None:
     for model, opt in runs.values():
         train_steps(model, opt, data[:1])  # warm-up
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
-    for _ in range(args.repeats):
+    for _ in range(0 if args.memory_only else args.repeats):
         for kind, (model, opt) in runs.items():
             times[kind].append(train_steps(model, opt, data))
     saved = {kind: saved_bytes(model, data) for kind, (model, _) in runs.items()}
@@ -129,7 +131,7 @@ def main() -> None:
     for kind in kinds:
         with context.Pool(1) as pool:
             rss[kind] = pool.apply(peak_rss_child, (kind, args.batch, args.seq))
-    median = {kind: statistics.median(t) for kind, t in times.items()}
+    median = {kind: statistics.median(t) if t else math.nan for kind, t in times.items()}
     print(f"MiniLM-L6, batch {args.batch} x seq {args.seq}, LoRA r=16 alpha=32 on {TARGETS}, "
           f"{args.steps} steps x {args.repeats} interleaved repeats, {torch.get_num_threads()} threads")
     print(f"{'candidate':<20} {'step (ms)':>9} {'/ full':>7} {'/ peft':>7} {'saved for bwd (MB)':>19} "
