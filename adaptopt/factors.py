@@ -23,6 +23,15 @@ def lora_scaling(alpha: float, rank: int, rslora: bool = False) -> float:
     return alpha / (math.sqrt(rank) if rslora else rank)
 
 
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype adapter arithmetic runs in: float32, or float64 if any input is float64.
+
+    Half-precision weights are upcast so a merge rounds once; float64 weights must not pass
+    through float32, which would cost them nine digits.
+    """
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
 def check_rank_alpha(rank: object, alpha: object) -> None:
     """Raise a ``ValueError`` naming the fix unless ``rank`` is a positive int and ``alpha > 0``."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
@@ -45,7 +54,7 @@ def fresh_factors(in_features: int, out_features: int, rank: int, *, dtype: torc
 
 
 class SVD(NamedTuple):
-    """``M = U @ diag(S) @ Vh`` with ``S`` sorted descending (float32)."""
+    """``M = U @ diag(S) @ Vh`` with ``S`` sorted descending (float32, or float64 for float64 inputs)."""
 
     U: torch.Tensor
     S: torch.Tensor
@@ -53,8 +62,8 @@ class SVD(NamedTuple):
 
 
 def svd_dense(delta: torch.Tensor) -> SVD:
-    """Thin SVD of a dense ``(out, in)`` matrix, computed in float32."""
-    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    """Thin SVD of a dense ``(out, in)`` matrix, computed in :func:`compute_dtype`."""
+    u, s, vh = torch.linalg.svd(delta.to(compute_dtype(delta.dtype)), full_matrices=False)
     return SVD(u, s, vh)
 
 
@@ -65,8 +74,9 @@ def svd_of_product(b: torch.Tensor, a: torch.Tensor, scaling: float) -> SVD:
     and only the small ``r × r`` core needs an SVD: ``O((out+in)·r²)`` instead of
     ``O(out·in·min(out, in))``.
     """
-    qb, rb = torch.linalg.qr(b.float())
-    qa, ra = torch.linalg.qr(a.float().T)
+    dtype = compute_dtype(b.dtype, a.dtype)
+    qb, rb = torch.linalg.qr(b.to(dtype))
+    qa, ra = torch.linalg.qr(a.to(dtype).T)
     u, s, vh = torch.linalg.svd(scaling * rb @ ra.T, full_matrices=False)
     return SVD(qb @ u, s, vh @ qa.T)
 
@@ -87,7 +97,7 @@ def factors_from_svd(svd: SVD, rank: int, scaling: float, *, dtype: torch.dtype,
     a = svd.Vh[:keep] * KAIMING_ROW_NORM
     b = svd.U[:, :keep] * (svd.S[:keep] / (scaling * KAIMING_ROW_NORM))
     if keep < rank:
-        pad_a, pad_b = fresh_factors(a.shape[1], b.shape[0], rank - keep, dtype=torch.float32, device=a.device)
+        pad_a, pad_b = fresh_factors(a.shape[1], b.shape[0], rank - keep, dtype=a.dtype, device=a.device)
         a = torch.cat([a, pad_a.data])
         b = torch.cat([b, pad_b.data], dim=1)
     return (nn.Parameter(a.to(device=device, dtype=dtype)),
@@ -105,5 +115,5 @@ def grow_factors(a: torch.Tensor, b: torch.Tensor, old_scaling: float, new_rank:
     pad_a, pad_b = fresh_factors(a.shape[1], b.shape[0], new_rank - old_rank, dtype=a.dtype, device=a.device)
     with torch.no_grad():
         new_a = torch.cat([a, pad_a])
-        new_b = torch.cat([(b.float() * (old_scaling / new_scaling)).to(b.dtype), pad_b], dim=1)
+        new_b = torch.cat([(b.to(compute_dtype(b.dtype)) * (old_scaling / new_scaling)).to(b.dtype), pad_b], dim=1)
     return nn.Parameter(new_a), nn.Parameter(new_b)

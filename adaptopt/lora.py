@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .factors import (
-    check_rank_alpha, factors_from_svd, fresh_factors, grow_factors, lora_scaling, svd_of_product,
+    check_rank_alpha, compute_dtype, factors_from_svd, fresh_factors, grow_factors, lora_scaling, svd_of_product,
 )
 from .changes import mark_changed
 from .fused import FusedLoRALinear, can_fuse
@@ -161,13 +161,14 @@ class LoRALinear(nn.Module):
 
     # ---------------------------------------------------------------- deltas
     def _adapter_delta(self) -> torch.Tensor | None:
-        """``s · B @ A`` in float32, ``(out, in)`` layout, or ``None`` without an adapter."""
+        """``s · B @ A`` in :func:`compute_dtype`, ``(out, in)`` layout, or ``None`` without an adapter."""
         if self.lora_A is None:
             return None
-        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+        dtype = compute_dtype(self.lora_A.dtype, self._weight_dtype())
+        return (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype)) * self.scaling
 
     def _learned_delta(self) -> torch.Tensor | None:
-        """Everything the layer adds on top of its base weight, fp32 ``(out, in)``."""
+        """Everything the layer adds on top of its base weight, ``(out, in)``, in :func:`compute_dtype`."""
         return self._adapter_delta()
 
     def _to_base_layout(self, linear_layout: torch.Tensor) -> torch.Tensor:
@@ -192,7 +193,7 @@ class LoRALinear(nn.Module):
             weight = weight.float()
             weight = weight.T if self.fan_in_fan_out else weight
             delta = None if self.merged else self._learned_delta()
-            return weight if delta is None else weight + delta
+            return weight if delta is None else weight + delta.float()
 
     def check_transition(self, mode: Mode | str, rank: int | None = None) -> None:
         """Raise ``ValueError`` if :meth:`set_mode` could not make this move (non-finite update,
@@ -220,14 +221,14 @@ class LoRALinear(nn.Module):
                 "(e.g. from a checkpoint) before retrying.")
 
     def _add_to_base_weight(self, delta: torch.Tensor) -> None:
-        """``W ← W + ΔW`` in place (fp32 arithmetic, one rounding), keeping the Parameter's identity.
+        """``W ← W + ΔW`` in place (fp32 or fp64 arithmetic, one rounding), keeping the Parameter's identity.
         An all-zero ``ΔW`` (a fresh adapter) leaves ``W`` untouched, and unmarked as changed."""
         if not bool(delta.any()):
             return
         w = self.base.weight
         mark_changed(w)
         with torch.no_grad():
-            w.copy_((w.float() + self._to_base_layout(delta).to(w.device)).to(w.dtype))
+            w.copy_((w.to(compute_dtype(w.dtype, delta.dtype)) + self._to_base_layout(delta).to(w.device)).to(w.dtype))
 
     # ---------------------------------------------------------------- merge for inference
     def merge(self) -> None:
@@ -294,7 +295,8 @@ class LoRALinear(nn.Module):
                 svd = svd_of_product(self.lora_B.detach(), self.lora_A.detach(), self.scaling)
                 a, b, _ = factors_from_svd(svd, rank, new_scaling, dtype=self.lora_A.dtype,
                                            device=self.lora_A.device)
-                self._add_to_base_weight(delta - (b.detach().float() @ a.detach().float()) * new_scaling)
+                kept = (b.detach().to(delta.dtype) @ a.detach().to(delta.dtype)) * new_scaling
+                self._add_to_base_weight(delta - kept)
                 self._set_factors(a, b)
         self.rank = rank
         if mode is Mode.LORA and self.lora_A is None:

@@ -51,7 +51,7 @@ def test_ranks_stay_identical_and_match_one_process_through_a_transition(ranks):
     mean_rank_loss = (r0["losses"] + r1["losses"]) / 2
     assert torch.allclose(mean_rank_loss, single["losses"], atol=1e-5)
     # the run trained: layer 0 (FULL after step 3) moved away from its initial weights
-    initial = dict(distributed_worker.build_model().named_parameters())
+    initial = {n: p.detach() for n, p in distributed_worker.build_model().named_parameters()}
     moved = r0["param/bert.encoder.layer.0.attention.self.query.base.weight"]
     assert float((moved - initial["bert.encoder.layer.0.attention.self.query.weight"]).abs().max()) > 1e-3
 
