@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
+import functools
 import multiprocessing
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from interleave import interleaved_medians  # noqa: E402
 TARGETS = ["query", "key", "value", "dense"]
 CANDIDATES = ("full", "adaptopt", "adaptopt composite", "peft", "frozen floor", "adaptopt qlora")
 
@@ -121,17 +121,14 @@ def main() -> None:
     data = batches(args.steps, args.batch, args.seq)
     for model, opt in runs.values():
         train_steps(model, opt, data[:1])  # warm-up
-    times: dict[str, list[float]] = {kind: [] for kind in kinds}
-    for _ in range(0 if args.memory_only else args.repeats):
-        for kind, (model, opt) in runs.items():
-            times[kind].append(train_steps(model, opt, data))
+    median = interleaved_medians({kind: functools.partial(train_steps, model, opt, data)
+                                  for kind, (model, opt) in runs.items()}, 0 if args.memory_only else args.repeats)
     saved = {kind: saved_bytes(model, data) for kind, (model, _) in runs.items()}
     context = multiprocessing.get_context("spawn")
     rss = {}
     for kind in kinds:
         with context.Pool(1) as pool:
             rss[kind] = pool.apply(peak_rss_child, (kind, args.batch, args.seq))
-    median = {kind: statistics.median(t) if t else math.nan for kind, t in times.items()}
     print(f"MiniLM-L6, batch {args.batch} x seq {args.seq}, LoRA r=16 alpha=32 on {TARGETS}, "
           f"{args.steps} steps x {args.repeats} interleaved repeats, {torch.get_num_threads()} threads")
     print(f"{'candidate':<20} {'step (ms)':>9} {'/ full':>7} {'/ peft':>7} {'saved for bwd (MB)':>19} "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import time
@@ -29,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from adaptopt import AdaptiveOptimizer, Mode, find_adapters  # noqa: E402
+from interleave import interleaved_medians  # noqa: E402
 
 
 def build(model_name: str, hidden: int = 128, layers: int = 4) -> torch.nn.Module:
@@ -68,11 +70,8 @@ def interleaved(runs: dict, batches, repeats: int) -> dict[str, float]:
     """Median seconds per step of each ``name: (model, opt, collector-or-None)``, interleaved."""
     for model, opt, arm in runs.values():
         timed_steps(model, opt, batches[:1], arm)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, (model, opt, arm) in runs.items():
-            times[name].append(timed_steps(model, opt, batches, arm))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return interleaved_medians({name: functools.partial(timed_steps, model, opt, batches, arm)
+                                for name, (model, opt, arm) in runs.items()}, repeats)
 
 
 def block_of(name: str) -> str:

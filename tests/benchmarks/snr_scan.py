@@ -15,8 +15,8 @@ route against float64 ``svdvals``.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from adaptopt.inject import select_targets  # noqa: E402
 from adaptopt.scores import singular_values, spectrum_snr  # noqa: E402
+from interleave import interleaved_medians  # noqa: E402
 
 
 def load(name: str) -> torch.nn.Module:
@@ -73,10 +74,8 @@ def timed(weights, spectra) -> float:
 
 def compare(label: str, weights: dict[str, torch.Tensor], repeats: int) -> None:
     timed(weights, singular_values)  # warm-up (thread pool, allocator)
-    reference, ours = [], []
-    for _ in range(repeats):
-        reference.append(timed(weights, reference_spectra))
-        ours.append(timed(weights, singular_values))
+    median = interleaved_medians({"reference": functools.partial(timed, weights, reference_spectra),
+                                  "ours": functools.partial(timed, weights, singular_values)}, repeats)
     ref_spectra = reference_spectra(weights)
     our_spectra = singular_values(weights)
     same = {mode: rankings(weights, ref_spectra, mode) == rankings(weights, our_spectra, mode)
@@ -87,7 +86,7 @@ def compare(label: str, weights: dict[str, torch.Tensor], repeats: int) -> None:
         top = float(exact[0]) or 1.0
         gap["svd"] = max(gap["svd"], float((ref_spectra[name].double() - exact).abs().max()) / top)
         gap["gram"] = max(gap["gram"], float((our_spectra[name].double() - exact).abs().max()) / top)
-    ref_t, our_t = statistics.median(reference), statistics.median(ours)
+    ref_t, our_t = median["reference"], median["ours"]
     print(f"{label}: {len(weights)} matrices ({len({w.untyped_storage().data_ptr() for w in weights.values()})} "
           f"distinct), {repeats} interleaved repeats")
     print(f"  reference (fp32 svdvals, one at a time)  median {ref_t:7.2f} s")
