@@ -7,15 +7,32 @@ without changing what the model computes at the moment of the switch.
 The core imports with torch alone; bitsandbytes, transformers, datasets and matplotlib
 are imported only by the features that need them.
 """
-from .checkpoint import export_merged, export_peft, load_adapters, save_adapters
+from .checkpoint import load_adapters, save_adapters
+from .export import export_merged, export_peft
 from .factors import lora_scaling
 from .inject import ARCHITECTURE_TARGETS, TargetInfo, find_adapters, inject_adapters, select_targets
 from .lora import LoRALinear
 from .modes import Mode
 from .optimizer import AdaptiveOptimizer
 from .policies import (
-    POLICIES, ALoRS, AutoMode, BitFit, Fixed, Frozen, Full, LayerDecision, LayerView, LayerwiseLR, LoRA, Policy,
-    QLoRA, RankAllocation, Spectrum, TopK, build_policy, register_policy,
+    POLICIES,
+    ALoRS,
+    AutoMode,
+    BitFit,
+    Fixed,
+    Frozen,
+    Full,
+    LayerDecision,
+    LayerView,
+    LayerwiseLR,
+    LoRA,
+    Policy,
+    QLoRA,
+    RankAllocation,
+    Spectrum,
+    TopK,
+    build_policy,
+    register_policy,
 )
 from .quant import QuantConfig, QuantLoRALinear
 

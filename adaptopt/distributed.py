@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .hooks import LayerStats, StatsCollector
+from .layer_stats import LayerStats, StatsCollector
 from .modes import Mode
 from .policies import LayerDecision
 

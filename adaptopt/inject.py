@@ -5,10 +5,11 @@
 - ``"auto"``: the known linear names of the architecture (``model.config.model_type``),
   inside numbered blocks; unknown architectures fall back to every linear layer except
   output heads (``lm_head``, ``classifier``, ``score``).
-- a list of names: a module matches if its full name, or a dotted tail of it, equals one
-  (``"query"`` matches ``encoder.layer.0.attention.self.query``).
-- a regex (any other string, or a compiled pattern): it must ``fullmatch`` the full name
-  or a dotted tail of it (``r"layer\\.[0-2]\\..*"``, ``r"(query|value)"``).
+- a name pattern, or a list of them (any one matching selects): :mod:`adaptopt.names`'
+  dialect, a regex that fullmatches a run of the module name's dotted components
+  (``"query"`` matches ``encoder.layer.0.attention.self.query``; ``r"layer\\.[0-2]"``
+  every linear layer inside blocks 0–2; ``r"(query|value)"``). Only linear layers
+  (``nn.Linear``, GPT-2 ``Conv1D``) are selected.
 
 Every target gets a :class:`TargetInfo`: its block (the name up to the first numeric
 component, e.g. ``model.layers.3``) and its type (the name after it, e.g.
@@ -23,8 +24,10 @@ from typing import Any, Iterable, Mapping, Pattern, Union
 from torch import nn
 
 from .factors import check_rank_alpha
+from .layout import ModuleSwap
 from .lora import LoRALinear, is_conv1d, is_quantized_linear
 from .modes import Mode
+from .names import matcher
 from .quant import QuantConfig, QuantLoRALinear
 
 Targets = Union[str, Pattern[str], Iterable[str]]
@@ -65,12 +68,6 @@ class TargetInfo:
         return cls(name, None, None, name)
 
 
-def _tails(name: str) -> list[str]:
-    """``"a.b.c"`` → ``["a.b.c", "b.c", "c"]``."""
-    parts = name.split(".")
-    return [".".join(parts[i:]) for i in range(len(parts))]
-
-
 def _is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
@@ -82,6 +79,15 @@ def _is_head(name: str) -> bool:
 def find_adapters(model: nn.Module) -> dict[str, LoRALinear]:
     """The adapter modules already in ``model``, by module name, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def require_adapters(model: nn.Module, action: str) -> dict[str, LoRALinear]:
+    """The model's adapter layers, or a ``ValueError`` saying how to get some."""
+    layers = find_adapters(model)
+    if not layers:
+        raise ValueError(f"cannot {action}: the model has no adapter layers (build an AdaptiveOptimizer on it or "
+                         "call adaptopt.inject_adapters first)")
+    return layers
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -112,13 +118,12 @@ def select_targets(model: nn.Module, targets: Targets = "auto") -> list[str]:
         chosen = _auto_targets(model, candidates)
     else:
         if isinstance(targets, (str, re.Pattern)):
-            pattern = re.compile(targets) if isinstance(targets, str) else targets
-            def matches(name: str) -> bool: return any(pattern.fullmatch(t) for t in _tails(name))
+            matches = matcher(targets)
         elif isinstance(targets, Iterable):
-            wanted = set(targets)
-            if not wanted or not all(isinstance(t, str) for t in wanted):
+            wanted = list(targets)
+            if not wanted or not all(isinstance(t, (str, re.Pattern)) for t in wanted):
                 raise ValueError(f"targets must be 'auto', a regex or a non-empty list of names, got {targets!r}")
-            def matches(name: str) -> bool: return not wanted.isdisjoint(_tails(name))
+            matches = matcher(wanted)
         else:
             raise ValueError(f"targets must be 'auto', a regex or a list of names, got {targets!r}")
         chosen = [name for name, _ in candidates if matches(name)]
@@ -161,7 +166,7 @@ def inject_adapters(model: nn.Module, targets: Targets = "auto", rank: int = 8, 
         from ._imports import require
         require("bitsandbytes", extra="quant")
     modules = dict(model.named_modules())
-    flags = {p: p.requires_grad for name in names for p in modules[name].parameters()}
+    swap = ModuleSwap(model)
     wrapped: dict[str, LoRALinear] = {}
     try:
         for name in names:
@@ -173,11 +178,9 @@ def inject_adapters(model: nn.Module, targets: Targets = "auto", rank: int = 8, 
                 module = LoRALinear(base, rank, alpha, dropout, rslora, mode=mode)
             module.target = TargetInfo.from_name(name)
             wrapped[name] = module
+        for name, module in wrapped.items():
+            swap.put(name, module)
     except BaseException:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
+        swap.undo()
         raise
-    for name, module in wrapped.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, module)
     return wrapped

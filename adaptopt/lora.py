@@ -16,12 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .changed_params import mark_changed
 from .factors import (
-    check_rank_alpha, compute_dtype, factors_from_svd, fresh_factors, grow_factors, lora_scaling, svd_of_product,
+    check_rank_alpha,
+    compute_dtype,
+    factors_from_svd,
+    fresh_factors,
+    grow_factors,
+    lora_scaling,
+    svd_of_product,
 )
-from .changes import mark_changed
 from .fused import FusedLoRALinear, can_fuse
+from .layout import Layout, implied_by_state_dict
 from .modes import Mode
+from .quant_config import QuantConfig
+from .transitions import layer_tensors, sync_layer_requires_grad
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -69,6 +78,10 @@ class LoRALinear(nn.Module):
     Modes: ``FROZEN`` trains nothing, ``LORA`` trains ``A`` and ``B`` only, ``FULL`` trains the
     base weight and bias. :meth:`set_mode` moves between them without changing the function.
 
+    Guarantee: **every** transition is exact — the output for any input is unchanged up to one
+    rounding of the weight (≤ 1e-6 of the output scale in float32; docs/design.md §3). Whatever
+    an adapter gives up (on leaving LORA, or the remainder of a rank cut) is folded into ``W``.
+
     Raises:
         ValueError: rank ≤ 0, alpha ≤ 0, dropout outside [0, 1).
         TypeError: ``base`` is not linear-like (or is 4-bit: use :class:`QuantLoRALinear`).
@@ -97,8 +110,7 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.target = None  # TargetInfo, filled in by inject_adapters
         self._mode = Mode.FROZEN
-        for p in self.base.parameters():
-            p.requires_grad_(False)
+        sync_layer_requires_grad(self)
         self.set_mode(mode)
 
     # ---------------------------------------------------------------- properties
@@ -230,7 +242,15 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             w.copy_((w.to(compute_dtype(w.dtype, delta.dtype)) + self._to_base_layout(delta).to(w.device)).to(w.dtype))
 
+    def merged_weight(self) -> torch.Tensor:
+        """``W + ΔW`` in the base layer's own layout and dtype (what a merged export holds)."""
+        return self._to_base_layout(self.effective_weight()).to(self.base.weight.dtype)
+
     # ---------------------------------------------------------------- merge for inference
+    def mark_merged_from_load(self) -> None:
+        """A checkpoint saved merged was loaded: its saved base weight already holds the update."""
+        self.merged = True
+
     def merge(self) -> None:
         """Fold the adapter into the base weight for inference. Idempotent; undo with :meth:`unmerge`.
 
@@ -263,9 +283,9 @@ class LoRALinear(nn.Module):
           by ``s/s'`` and padded with zeros (exact). ``r' < r``: the adapter becomes the best
           rank-``r'`` approximation of ``s·BA`` and the remainder is folded into the base weight.
 
-        The output is unchanged up to one floating-point rounding of the weight. A layer
-        whose update is not finite raises ``ValueError`` and is left as it was. A merged
-        layer is unmerged, transitioned and merged again.
+        The output is unchanged up to one floating-point rounding of the weight
+        (docs/design.md §3). A layer whose update is not finite raises ``ValueError`` and is
+        left as it was. A merged layer is unmerged, transitioned and merged again.
         """
         mode = Mode.coerce(mode)
         rank = self.rank if rank is None else rank
@@ -273,6 +293,11 @@ class LoRALinear(nn.Module):
         if mode is self._mode and rank == self.rank:
             return
         self.check_transition(mode, rank)
+        self._move(mode, rank)
+
+    def _move(self, mode: Mode, rank: int) -> None:
+        """:meth:`set_mode` after :meth:`check_transition` passed (``adaptopt.transitions`` checks
+        every layer of a decision first, then moves them)."""
         was_merged = self.merged
         self.unmerge()
         try:
@@ -282,34 +307,87 @@ class LoRALinear(nn.Module):
                 self.merge()
 
     def _transition(self, mode: Mode, rank: int) -> None:
+        """The move itself, in three steps the 4-bit subclass overrides where it differs:
+        where factors come from (:meth:`_start_factors`), where an update goes when the
+        factors are given up (:meth:`_release_factors`) and where a rank cut's remainder goes
+        (:meth:`_absorb_remainder`)."""
+        if self._keeps_factors(mode):
+            if self.lora_A is None:
+                self._start_factors(rank)
+            elif rank != self.rank:
+                self._resize_factors(rank)
+        else:
+            self._release_factors(mode)
+        self.rank = rank
+        self._mode = mode
+        sync_layer_requires_grad(self)
+        if mode is Mode.FULL:
+            mark_changed(*(p for _, p in self.mode_parameters()))
+
+    def _keeps_factors(self, mode: Mode) -> bool:
+        """Does the layer hold factors in ``mode``? Plain layers: only in LORA."""
+        return mode is Mode.LORA
+
+    def _start_factors(self, rank: int) -> None:
+        """A fresh adapter (``B = 0``) on the current weight."""
+        self._set_factors(*fresh_factors(self.in_features, self.out_features, rank,
+                                         dtype=self._weight_dtype(), device=self._weight_device()))
+
+    def _release_factors(self, mode: Mode) -> None:
+        """Leaving LORA: ``W ← W + s·BA``, then no factors."""
         delta = self._adapter_delta()
         if delta is not None:
-            if mode is not Mode.LORA:
-                self._add_to_base_weight(delta)
-                self._set_factors(None, None)
-            elif rank > self.rank:
-                self._set_factors(*grow_factors(self.lora_A, self.lora_B, self.scaling, rank,
-                                                lora_scaling(self.alpha, rank, self.rslora)))
-            elif rank < self.rank:
-                new_scaling = lora_scaling(self.alpha, rank, self.rslora)
-                svd = svd_of_product(self.lora_B.detach(), self.lora_A.detach(), self.scaling)
-                a, b, _ = factors_from_svd(svd, rank, new_scaling, dtype=self.lora_A.dtype,
-                                           device=self.lora_A.device)
-                kept = (b.detach().to(delta.dtype) @ a.detach().to(delta.dtype)) * new_scaling
-                self._add_to_base_weight(delta - kept)
-                self._set_factors(a, b)
-        self.rank = rank
-        if mode is Mode.LORA and self.lora_A is None:
-            self._set_factors(*fresh_factors(self.in_features, self.out_features, rank,
-                                             dtype=self._weight_dtype(), device=self._weight_device()))
-        for p in self.base.parameters():
-            p.requires_grad_(mode is Mode.FULL)
-            if mode is Mode.FULL:
-                mark_changed(p)
-        self._mode = mode
+            self._add_to_base_weight(delta)
+        self._set_factors(None, None)
+
+    def _resize_factors(self, rank: int) -> None:
+        """Grow exactly, or cut to the best rank-``rank`` part and pass the remainder on."""
+        new_scaling = lora_scaling(self.alpha, rank, self.rslora)
+        if rank > self.rank:
+            self._set_factors(*grow_factors(self.lora_A, self.lora_B, self.scaling, rank, new_scaling))
+            return
+        delta = self._adapter_delta()
+        svd = svd_of_product(self.lora_B.detach(), self.lora_A.detach(), self.scaling)
+        a, b, _ = factors_from_svd(svd, rank, new_scaling, dtype=self.lora_A.dtype, device=self.lora_A.device)
+        kept = (b.detach().to(delta.dtype) @ a.detach().to(delta.dtype)) * new_scaling
+        self._absorb_remainder(delta - kept)
+        self._set_factors(a, b)
+
+    def _absorb_remainder(self, remainder: torch.Tensor) -> None:
+        """A rank cut's discarded part ``s·BA − s'·B'A'`` is folded into W (so the cut is exact)."""
+        self._add_to_base_weight(remainder)
 
     def _set_factors(self, a: nn.Parameter | None, b: nn.Parameter | None) -> None:
         self.lora_A, self.lora_B = a, b
+
+    # ---------------------------------------------------------------- structure
+    def layout(self) -> Layout:
+        """This layer's structure as a :class:`~adaptopt.layout.Layout`."""
+        return Layout(self._mode, self.rank, self.alpha, self.rslora, float(getattr(self.dropout, "p", 0.0)),
+                      self._quant_layout(), self.lora_A is not None, self.merged)
+
+    def _quant_layout(self) -> QuantConfig | None:
+        return None
+
+    def adopt_layout(self, layout: Layout) -> None:
+        """Take ``layout``'s structure (mode, rank, factors, 4-bit delta) *without* preserving
+        the function: new factors are fresh, to be overwritten by a load. A no-op when the
+        structure already matches. Used to load checkpoints, never for training transitions."""
+        if layout.structure() == self.layout().structure():
+            return
+        check_rank_alpha(layout.rank, self.alpha)
+        if not layout.has_factors:
+            self._set_factors(None, None)
+        elif self.lora_A is None or self.rank != layout.rank:
+            self._set_factors(*fresh_factors(self.in_features, self.out_features, layout.rank,
+                                             dtype=self._weight_dtype(), device=self._weight_device()))
+        self._adopt_delta(layout.has_delta)
+        self.rank = layout.rank
+        self._mode = layout.mode
+        sync_layer_requires_grad(self)
+
+    def _adopt_delta(self, has_delta: bool) -> None:
+        """Plain layers have no dense delta."""
 
     # ---------------------------------------------------------------- loading state dicts
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -318,52 +396,22 @@ class LoRALinear(nn.Module):
 
         This is what lets ``model.load_state_dict`` (and the HF Trainer's resume) load a
         checkpoint saved after transitions into a model still in its initial modes. Only the
-        structure is inferred: factors → LORA, none → FROZEN (or FULL if it was FULL); the
+        structure is inferred (:func:`~adaptopt.layout.implied_by_state_dict`); the
         optimizer's ``load_state_dict`` restores the exact modes. A partial state dict
         (without ``base.weight``) leaves the structure alone.
         """
         if prefix + "base.weight" in state_dict:
             a = state_dict.get(prefix + "lora_A")
-            saved = (None if a is None else int(a.shape[0]), prefix + "delta" in state_dict)
-            if saved != (self.rank if self.lora_A is not None else None, getattr(self, "delta", None) is not None):
-                self._adopt_structure(*saved)
+            self.adopt_layout(implied_by_state_dict(self.layout(), None if a is None else int(a.shape[0]),
+                                                    prefix + "delta" in state_dict))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _adopt_structure(self, factor_rank: int | None, has_delta: bool) -> None:
-        """Factors of ``factor_rank`` (fresh values) or none; the mode that structure implies."""
-        self._adopt_factors(factor_rank)
-        if factor_rank is None:
-            mode = Mode.FULL if self._mode is Mode.FULL else Mode.FROZEN
-        else:
-            mode = Mode.LORA
-        for p in self.base.parameters():
-            p.requires_grad_(mode is Mode.FULL)
-        for p in (self.lora_A, self.lora_B):
-            if p is not None:
-                p.requires_grad_(mode is Mode.LORA)
-        self._mode = mode
-
-    def _adopt_factors(self, factor_rank: int | None) -> None:
-        """Factors of ``factor_rank`` (fresh values, to be overwritten by a load) or none."""
-        if factor_rank is None:
-            self._set_factors(None, None)
-        elif self.lora_A is None or self.rank != factor_rank:
-            check_rank_alpha(factor_rank, self.alpha)
-            self.rank = factor_rank
-            self._set_factors(*fresh_factors(self.in_features, self.out_features, factor_rank,
-                                             dtype=self._weight_dtype(), device=self._weight_device()))
 
     # ---------------------------------------------------------------- introspection
     def mode_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """``(name, parameter)`` pairs the current mode trains: ``lora_A, lora_B`` in LORA,
-        the weight (or 4-bit layers' dense ``delta``) and bias in FULL, none when FROZEN."""
-        if self._mode is Mode.LORA:
-            return [("lora_A", self.lora_A), ("lora_B", self.lora_B)]
-        if self._mode is Mode.FULL:
-            weight = ("delta", self.delta) if getattr(self, "delta", None) is not None else ("base.weight",
-                                                                                          self.base.weight)
-            return [weight] + ([("base.bias", self.base.bias)] if self.base.bias is not None else [])
-        return []
+        """``(name, parameter)`` pairs the current mode trains (:meth:`Layout.tensors`):
+        ``lora_A, lora_B`` in LORA, the weight (or 4-bit layers' dense ``delta``) and bias in
+        FULL, none when FROZEN."""
+        return [(name, self.get_parameter(name)) for name, spec in layer_tensors(self).items() if spec.trains]
 
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` pairs that train in the current mode (names relative to this module)."""

@@ -11,7 +11,8 @@ lr = ``lr``) and a "lora" group (its factors, lr = ``lora_lr``), either possibly
 scheduler built once at the start therefore schedules every layer, including layers
 promoted later. A layer's LR scale multiplies its groups' scheduled lr during the update:
 
-.. math::  \\mathrm{lr}_{\\text{effective}}(\\ell) = \\mathrm{lr}_{\\text{scheduled}}(\\text{group}) \\cdot \\mathrm{scale}_\\ell
+.. math::  \\mathrm{lr}_{\\text{effective}}(\\ell)
+           = \\mathrm{lr}_{\\text{scheduled}}(\\text{group}) \\cdot \\mathrm{scale}_\\ell
 """
 from __future__ import annotations
 
@@ -22,39 +23,25 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .changes import mark_changed
 from .distributed import active_group, all_reduce_stats, broadcast_decisions
-from .hooks import StatsCollector
 from .inject import Targets, find_adapters, inject_adapters
+from .layer_stats import StatsCollector
 from .lora import LoRALinear
 from .modes import Mode
-from .policies import LayerDecision, LayerView, Policy, build_policy, name_matches
-from .quant import QuantLoRALinear
+from .optimizer_state import STATE_FORMAT, plain_config, validate_state_dict
+from .policies import LayerDecision, LayerView, Policy, build_policy
 from .scores import FAMILY_KEYS, weight_scores
+from .summary import layer_table
+from .transitions import TrainRules, apply_decisions, check_consistency, plan_trainable, reconcile
 
 TASK_HEADS = ("classifier", "score")
 LORA_LR_MULTIPLE = 10.0
-STATE_FORMAT = "adaptopt.AdaptiveOptimizer/1"
 NONFINITE = ("skip", "raise", "ignore")
 
 
 def _from_families(key: str, families: Iterable[str]) -> bool:
     """Does score ``key`` (e.g. ``"svd_raw"``, ``"signal_fraction_compat"``) belong to one of ``families``?"""
     return any(key in FAMILY_KEYS[f] for f in families)
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with enums, dataclasses and tuples turned into str / dict / list (safe to torch.load)."""
-    from dataclasses import asdict, is_dataclass
-    if isinstance(value, Mode):
-        return value.value
-    if is_dataclass(value) and not isinstance(value, type):
-        return _plain(asdict(value))
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 class AdaptiveOptimizer(torch.optim.Optimizer):
@@ -67,7 +54,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         policy: a :class:`~adaptopt.policies.Policy`, a method name (``"lora"``) or a mapping
             (``{"method": "lora", "rank": 16}``).
         lora_lr: learning rate of adapter factors; default ``10 × lr`` (measured: LoRA at the
-            full-fine-tuning LR learns nothing on MiniLM / Rotten Tomatoes, DESIGN 3.2).
+            full-fine-tuning LR learns nothing on MiniLM / Rotten Tomatoes, docs/design.md §4).
         train_other: whether non-target parameters (embeddings, norms, biases outside FULL
             blocks) train. Task heads train regardless (see ``trainable``).
         trainable: name patterns (regex over dotted name runs) of non-target parameters that
@@ -110,9 +97,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             model, targets, rank, alpha, dropout=dropout, rslora=rslora,
             quantize=quantize if quantize is not None else self.policy.quantize)
         self.lr, self.lora_lr = float(lr), float(lora_lr)
-        self.train_other = bool(train_other)
-        self.trainable_patterns = tuple(trainable) + tuple(self.policy.trainable_extra())
-        self.frozen_patterns = tuple(frozen)
+        self.rules = TrainRules(bool(train_other), tuple(trainable) + tuple(self.policy.trainable_extra()),
+                                tuple(frozen))
         self.steps_per_epoch = steps_per_epoch
         self.nonfinite = nonfinite
         self.step_count = 0
@@ -159,7 +145,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             t = m.target
             views[name] = LayerView(name, t.block_name if t else None, t.block_index if t else None,
                                     t.layer_type if t else name, m.mode, m.rank, self.lr_scales[name],
-                                    m.in_features, m.out_features, isinstance(m, QuantLoRALinear))
+                                    m.in_features, m.out_features, m.layout().quant is not None)
         return views
 
     # ------------------------------------------------------------------ stepping
@@ -255,31 +241,18 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                      for k, v in decisions.items()}, reason="manual")
 
     def _apply(self, decisions: Mapping[str, LayerDecision], reason: str) -> None:
-        unknown = sorted(set(decisions) - set(self.layers))
-        if unknown:
-            raise ValueError(f"decisions name unknown layers {unknown[:8]}; layers are named as in opt.layers")
-        changing = {name: d for name, d in decisions.items()
-                    if (d.mode, d.rank or self.layers[name].rank) != (self.layers[name].mode, self.layers[name].rank)}
-        for name, decision in changing.items():  # check every layer first: a failed decision changes nothing
-            self.layers[name].check_transition(decision.mode, decision.rank)
-        for name, decision in decisions.items():
-            module = self.layers[name]
-            before = (module.mode, module.rank, self.lr_scales[name])
-            if name in changing:
-                module.set_mode(decision.mode, decision.rank or module.rank)
-            if decision.lr_scale is not None:
-                self.lr_scales[name] = float(decision.lr_scale)
-            after = (module.mode, module.rank, self.lr_scales[name])
-            if after != before:
-                self.history.append({"step": self.step_count, "layer": name, "reason": reason,
-                                     "from_mode": before[0].value, "from_rank": before[1], "from_lr_scale": before[2],
-                                     "mode": after[0].value, "rank": after[1], "lr_scale": after[2],
-                                     "scores": dict(self.scores.get(name, {}))})
+        """Carry decisions out (:func:`~adaptopt.transitions.apply_decisions`), log them, and
+        make the trained set follow (:func:`~adaptopt.transitions.reconcile`)."""
+        for record in apply_decisions(self.layers, decisions, self.lr_scales):
+            self.history.append({"step": self.step_count, "layer": record["layer"], "reason": reason,
+                                 **{k: v for k, v in record.items() if k != "layer"},
+                                 "scores": dict(self.scores.get(record["layer"], {}))})
         if self._reconcile():
             self._run_transition_hooks()
         self.check_consistency()
 
-    def register_transition_hook(self, hook: Callable[["AdaptiveOptimizer"], None]) -> torch.utils.hooks.RemovableHandle:
+    def register_transition_hook(self, hook: Callable[["AdaptiveOptimizer"], None]
+                                 ) -> torch.utils.hooks.RemovableHandle:
         """Call ``hook(optimizer)`` whenever the set of trained parameters changes (a transition,
         or :meth:`load_state_dict`), after the change. Wrappers that bind parameters when they
         are built (DDP) rebuild themselves here. Returns a handle whose ``remove()`` detaches it."""
@@ -291,96 +264,17 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         for hook in list(self._transition_hooks.values()):
             hook(self)
 
-    def _desired_groups(self) -> dict[nn.Parameter, int]:
-        """Where every parameter that should train belongs, from the layers' modes and the rules."""
-        desired: dict[nn.Parameter, int] = {}
-        for name, module in self.layers.items():
-            kind = "lora" if module.mode is Mode.LORA else "full"
-            for _, p in module.mode_parameters():
-                desired[p] = self._group_of_role[(kind, name)]
-        full_blocks = self._full_blocks({name: m.mode for name, m in self.layers.items()})
-        for pname, p in self._extra_candidates():
-            if p not in desired and self._extra_trains(pname, full_blocks):
-                desired[p] = 0
-        return desired
-
-    def _full_blocks(self, modes: Mapping[str, Mode]) -> set[str]:
-        """Blocks whose target layers are all FULL: they train every parameter they hold."""
-        full, partial = set(), set()
-        for name, mode in modes.items():
-            target = self.layers[name].target
-            if target is not None and target.block_name is not None:
-                (full if mode is Mode.FULL else partial).add(target.block_name)
-        return full - partial
-
-    def _extra_candidates(self) -> list[tuple[str, nn.Parameter]]:
-        """Parameters the rules (not a layer's mode) decide about: everything outside target
-        layers, plus the targets' biases (BitFit trains them in any mode)."""
-        owned = {p for m in self.layers.values() for p in m.parameters()}
-        return [(name, p) for name, p in self.model.named_parameters()
-                if p.is_floating_point() and (p not in owned or name.endswith(".bias"))]
-
-    def _extra_trains(self, name: str, full_blocks: set[str]) -> bool:
-        if any(name.startswith(block + ".") for block in full_blocks):
-            return True
-        if any(name_matches(pattern, name) for pattern in self.frozen_patterns):
-            return False
-        return self.train_other or any(name_matches(pattern, name) for pattern in self.trainable_patterns)
-
     def _reconcile(self) -> bool:
-        """Make requires_grad, group membership and Adam state follow :meth:`_desired_groups`.
-
-        Parameters that stay in training keep their state; parameters that leave get
-        ``requires_grad=False``, ``grad=None`` and no state (AdamW would otherwise still
-        move them on a zero gradient through its momentum). Returns whether the set of
-        trained parameters (or their groups) changed.
-        """
-        before = [list(g["params"]) for g in self.param_groups]  # holds them, so ids stay unique
-        desired = self._desired_groups()
-        for index, group in enumerate(self.param_groups):
-            kept = []
-            for p in group["params"]:
-                if desired.get(p) == index:
-                    kept.append(p)
-                    del desired[p]
-                else:
-                    self.inner.state.pop(p, None)
-                    p.grad = None
-            group["params"] = kept
-        for p, index in desired.items():
-            self.param_groups[index]["params"].append(p)
-        in_groups = {p for g in self.param_groups for p in g["params"]}
-        mark_changed(*in_groups)
-        for p in self.model.parameters():
-            if p.is_floating_point():
-                p.requires_grad_(p in in_groups)
-            if p not in in_groups:
-                p.grad = None
-        return [list(map(id, ps)) for ps in before] != [list(map(id, g["params"])) for g in self.param_groups]
+        return reconcile(self.model, self.inner, self._group_of_role,
+                         plan_trainable(self.model, self.layers, self.rules))
 
     def _name_of(self, p: nn.Parameter) -> str:
         return next((n for n, q in self.model.named_parameters() if q is p), f"<unnamed {tuple(p.shape)}>")
 
     def check_consistency(self) -> dict[str, Any]:
         """Verify, and record in ``last_check``, that the trainable set, the optimizer's
-        parameters and its state entries agree. Raises ``RuntimeError`` naming the parameters."""
-        names = {p: n for n, p in self.model.named_parameters()}
-        trainable = {p for p in names if p.requires_grad}
-        listed = [p for g in self.param_groups for p in g["params"]]
-        in_groups = set(listed)
-        problems = []
-        if len(listed) != len(in_groups):
-            problems.append("parameters listed in two groups")
-        for label, bad in (("trainable but not in the optimizer", trainable - in_groups),
-                           ("in the optimizer but not trainable", in_groups - trainable),
-                           ("with optimizer state but not in the optimizer", set(self.inner.state) - in_groups)):
-            if bad:
-                problems.append(f"{label}: {sorted(names.get(p, '<not in model>') for p in bad)[:8]}")
-        if problems:
-            raise RuntimeError("AdaptiveOptimizer consistency check failed at step "
-                               f"{self.step_count}: " + "; ".join(problems))
-        self.last_check = {"step": self.step_count, "trainable": len(trainable),
-                           "trainable_elements": sum(p.numel() for p in trainable), "state_entries": len(self.inner.state)}
+        parameters and its state entries agree (:func:`~adaptopt.transitions.check_consistency`)."""
+        self.last_check = check_consistency(self.model, self.inner, self.step_count)
         return self.last_check
 
     # ------------------------------------------------------------------ reporting
@@ -389,25 +283,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
 
     def summary(self) -> str:
         """A table of layers × mode / rank / LR scale / trainable parameters, with totals."""
-        rows = [("layer", "mode", "rank", "lr scale", "trainable")]
-        target_total = 0
-        for name, module in self.layers.items():
-            count = sum(p.numel() for _, p in module.mode_parameters())
-            target_total += count
-            rows.append((name, module.mode.value, str(module.rank) if module.mode is Mode.LORA else "-",
-                         f"{self.lr_scales[name]:g}", f"{count:,}"))
-        other = sum(p.numel() for p in self.param_groups[0]["params"])
-        total = sum(p.numel() for p in self.model.parameters())
-        counts = {m: sum(1 for x in self.layers.values() if x.mode is m) for m in Mode}
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                 for row in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        lines += ["-" * len(lines[0]),
-                  f"layers: {counts[Mode.FULL]} full, {counts[Mode.LORA]} lora, {counts[Mode.FROZEN]} frozen",
-                  f"trainable: {target_total:,} in target layers + {other:,} other = {target_total + other:,} "
-                  f"of {total:,} ({100 * (target_total + other) / max(total, 1):.2f}%)"]
-        return "\n".join(lines)
+        return layer_table(self.model, self.layers, self.lr_scales, self.param_groups[0]["params"])
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -418,8 +294,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             "format": STATE_FORMAT,
             "step": self.step_count,
             "skipped_steps": self.skipped_steps,
-            "layers": {name: {"mode": m.mode.value, "rank": m.rank, "alpha": m.alpha, "lr_scale": self.lr_scales[name],
-                              "has_factors": m.lora_A is not None, "quantized": isinstance(m, QuantLoRALinear)}
+            "layers": {name: {**m.layout().to_record(), "lr_scale": self.lr_scales[name],
+                              "quantized": m.layout().quant is not None}
                        for name, m in self.layers.items()},
             "scores": {k: dict(v) for k, v in self.scores.items()},
             "history": [dict(h) for h in self.history],
@@ -428,7 +304,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             "groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
             "roles": [list(r) for r in self._roles],
             "state": {names[p]: dict(s) for p, s in self.inner.state.items()},
-            "policy": _plain(self.policy.config()),
+            "policy": plain_config(self.policy.config()),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
@@ -439,14 +315,10 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         missing or extra layers or parameters, or with mismatched shapes raises
         ``ValueError`` naming them, and changes nothing.
         """
-        self._validate_checkpoint(state_dict)
-        for name, record in state_dict["layers"].items():
-            module = self.layers[name]
-            module.set_mode(record["mode"], record["rank"])
-            if record.get("has_factors") and module.lora_A is None:
-                module.set_mode(Mode.LORA, record["rank"])
-                module.set_mode(record["mode"], record["rank"])  # quantized FROZEN keeps frozen factors
-            self.lr_scales[name] = float(record["lr_scale"])
+        layouts = validate_state_dict(self, state_dict)
+        for name, layout in layouts.items():
+            self.layers[name].adopt_layout(layout)
+            self.lr_scales[name] = float(state_dict["layers"][name]["lr_scale"])
         changed = self._reconcile()
         params = dict(self.model.named_parameters())
         self.inner.state.clear()
@@ -466,53 +338,3 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self._arm_for(self.step_count + 1)
         if changed:
             self._run_transition_hooks()
-
-    def _validate_checkpoint(self, sd: Mapping[str, Any]) -> None:
-        if not isinstance(sd, Mapping) or sd.get("format") != STATE_FORMAT:
-            raise ValueError(f"not an AdaptiveOptimizer checkpoint (format {sd.get('format') if isinstance(sd, Mapping) else type(sd).__name__!r}, "
-                             f"expected {STATE_FORMAT!r})")
-        saved, ours = set(sd["layers"]), set(self.layers)
-        problems = []
-        if saved - ours:
-            problems.append(f"layers in the checkpoint but not in this model: {sorted(saved - ours)[:8]}")
-        if ours - saved:
-            problems.append(f"layers of this model missing from the checkpoint: {sorted(ours - saved)[:8]}")
-        if [tuple(r) for r in sd.get("roles", [])] != self._roles and not problems:
-            problems.append("parameter groups differ (different targets or target order)")
-        if not problems:
-            expected = self._expected_shapes(sd["layers"])
-            for pname, values in sd["state"].items():
-                if pname not in expected:
-                    problems.append(f"state for {pname!r}, which would not train in this model")
-                    continue
-                shape = next((tuple(v.shape) for k, v in values.items() if k != "step" and torch.is_tensor(v)), None)
-                if shape is not None and shape != expected[pname]:
-                    problems.append(f"{pname}: checkpoint shape {shape}, model shape {expected[pname]}")
-            for name, record in sd["layers"].items():
-                if float(record.get("alpha", self.layers[name].alpha)) != self.layers[name].alpha:
-                    problems.append(f"{name}: alpha {record['alpha']} in the checkpoint, {self.layers[name].alpha} here")
-        if problems:
-            raise ValueError("checkpoint does not match this model/optimizer; nothing was loaded:\n  - "
-                             + "\n  - ".join(problems[:20]))
-
-    def _expected_shapes(self, layers: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[int, ...]]:
-        """Names and shapes of the parameters that would train after loading ``layers``."""
-        shapes: dict[str, tuple[int, ...]] = {}
-        for name, record in layers.items():
-            m = self.layers[name]
-            mode, rank = Mode.coerce(record["mode"]), int(record["rank"])
-            if mode is Mode.LORA:
-                shapes[f"{name}.lora_A"] = (rank, m.in_features)
-                shapes[f"{name}.lora_B"] = (m.out_features, rank)
-            elif mode is Mode.FULL:
-                if hasattr(m, "delta"):
-                    shapes[f"{name}.delta"] = (m.out_features, m.in_features)
-                else:
-                    shapes[f"{name}.base.weight"] = tuple(m.base.weight.shape)
-                if m.base.bias is not None:
-                    shapes[f"{name}.base.bias"] = tuple(m.base.bias.shape)
-        full_blocks = self._full_blocks({name: Mode.coerce(r["mode"]) for name, r in layers.items()})
-        for pname, p in self._extra_candidates():
-            if pname not in shapes and self._extra_trains(pname, full_blocks):
-                shapes[pname] = tuple(p.shape)
-        return shapes

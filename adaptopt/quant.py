@@ -3,7 +3,7 @@
 .. math::  y = \\mathrm{deq}(Q)\\,x + b + \\underbrace{s \\cdot B A\\,x}_{\\text{LORA}}
            \\;\\text{or}\\; \\underbrace{D\\,x}_{\\text{FULL}}
 
-The quantized original ``Q`` is **never re-quantized**. Measured (DESIGN 3.1): merging a
+The quantized original ``Q`` is **never re-quantized**. Measured (docs/design.md §3): merging a
 rank-16 update of relative size 1% into NF4 and re-quantizing keeps ~2% of it. So the
 learned update lives beside ``Q``, in exactly one of two forms:
 
@@ -17,7 +17,7 @@ bitsandbytes is imported lazily; ``pip install 'adaptopt[quant]'`` provides it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any, Mapping
 
 import torch
@@ -25,55 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._imports import require
-from .factors import factors_from_svd, fresh_factors, grow_factors, lora_scaling, svd_dense, svd_of_product
-from .changes import mark_changed
+from .factors import factors_from_svd, lora_scaling, svd_dense
 from .lora import LoRALinear, is_quantized_linear, linear_geometry
 from .modes import Mode
+from .quant_config import QUANT_TYPES, QuantConfig
 
-QUANT_TYPES = ("nf4", "fp4")
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """How to quantize a base weight to 4 bits.
-
-    Attributes:
-        quant_type: ``"nf4"`` (NormalFloat, QLoRA's default) or ``"fp4"``.
-        compute_dtype: dtype of the dequantized matmul and of the adapters; ``None`` keeps
-            the original weight's dtype.
-        double_quant: also quantize the per-block absmax constants (QLoRA's "double quant").
-        blocksize: elements per quantization block (64 is bitsandbytes' default).
-    """
-
-    quant_type: str = "nf4"
-    compute_dtype: torch.dtype | None = None
-    double_quant: bool = False
-    blocksize: int = 64
-
-    def __post_init__(self) -> None:
-        if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"unknown quant type {self.quant_type!r}: use one of {QUANT_TYPES}")
-        if self.compute_dtype is not None and not (isinstance(self.compute_dtype, torch.dtype)
-                                                   and self.compute_dtype.is_floating_point):
-            raise ValueError(f"compute_dtype must be a floating torch.dtype, got {self.compute_dtype!r}")
-        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise ValueError(f"blocksize must be a power of two in 32..4096, got {self.blocksize!r}")
-
-    @classmethod
-    def coerce(cls, value: "QuantConfig | str | Mapping[str, Any]") -> "QuantConfig":
-        """Accept ``"nf4"``, ``"fp4"``, a mapping of this class's fields, or a ``QuantConfig``."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            return cls(quant_type=value.lower())
-        if isinstance(value, Mapping):
-            unknown = set(value) - set(cls.__dataclass_fields__)
-            if unknown:
-                raise ValueError(f"unknown quantize keys {sorted(unknown)}: allowed are "
-                                 f"{sorted(cls.__dataclass_fields__)}")
-            return cls(**value)
-        raise ValueError(f"quantize must be None, 'nf4', 'fp4' or a mapping, got {value!r}")
-
+__all__ = ["QUANT_TYPES", "QuantConfig", "QuantLoRALinear", "dequantize", "keep_standard_layout", "quantize_linear"]
 
 def quantize_linear(base: nn.Module, config: QuantConfig) -> nn.Module:
     """A bitsandbytes ``Linear4bit`` holding ``base``'s weight (``Conv1D`` weights are transposed)."""
@@ -140,6 +97,16 @@ class QuantLoRALinear(LoRALinear):
 
     ``merge()`` builds a dense inference weight ``deq(Q) + ΔW`` beside ``Q`` (``Q`` itself is
     never re-quantized); ``unmerge()`` drops it.
+
+    Guarantee (docs/design.md §3): ``Q`` is never written, so an update is kept as factors or
+    as ``D``. Exact: LORA → FULL (``D = s·BA``), LORA → FROZEN (factors kept, frozen), FROZEN →
+    LORA / FULL, rank growth. **Lossy** — the new update ``U'`` is the best rank-``r``
+    approximation of the old one ``U`` (``D`` or ``s·BA``), with the weight error exactly
+
+    .. math::  \lVert U - U' \rVert_F = \sqrt{\textstyle\sum_{i>r} \sigma_i(U)^2}
+
+    (Eckart–Young; zero when ``rank(U) ≤ r``): FULL → LORA and FULL → FROZEN at rank ``r``,
+    and a rank cut ``r → r' < r``. The output then moves by at most ``‖U − U'‖₂ · ‖x‖`` per row.
     """
 
     delta: nn.Parameter | None
@@ -197,6 +164,10 @@ class QuantLoRALinear(LoRALinear):
         delta = self._learned_delta()
         return self._to_base_layout(weight if delta is None else weight + delta)
 
+    def merged_weight(self) -> torch.Tensor:
+        """``deq(Q) + ΔW`` dequantized, in the original layout and the compute dtype (merged exports)."""
+        return self.dense_weight().to(self._weight_dtype())
+
     def effective_weight(self) -> torch.Tensor:
         """``deq(Q) + ΔW``, fp32 ``(out, in)`` (the merged inference copy is never read)."""
         with torch.no_grad():
@@ -205,6 +176,10 @@ class QuantLoRALinear(LoRALinear):
             return weight if delta is None else weight + delta
 
     # ---------------------------------------------------------------- merge for inference
+    def mark_merged_from_load(self) -> None:
+        """The 4-bit base cannot hold a merged update: rebuild the dense inference copy."""
+        self.merge()
+
     def merge(self) -> None:
         """Build a dense inference weight ``deq(Q) + ΔW`` (``Q`` untouched). Idempotent."""
         if self.merged:
@@ -223,61 +198,48 @@ class QuantLoRALinear(LoRALinear):
         self.merged = False
 
     # ---------------------------------------------------------------- transitions
-    def _transition(self, mode: Mode, rank: int) -> None:
-        delta = self._learned_delta()
-        dtype, device = self._weight_dtype(), self._weight_device()
-        new_scaling = lora_scaling(self.alpha, rank, self.rslora)
-        if mode is Mode.FULL:
-            if self.delta is None:
-                dense = delta if delta is not None else torch.zeros(self.out_features, self.in_features,
-                                                                     device=device)
-                self._set_factors(None, None)
-                self.delta = nn.Parameter(dense.to(dtype=dtype, device=device))
-        elif self.delta is not None:  # demotion: best rank-r approximation of D
-            a, b, _ = factors_from_svd(svd_dense(self.delta.detach()), rank, new_scaling, dtype=dtype, device=device)
-            self.delta = None
-            self._set_factors(a, b)
-        elif self.lora_A is not None and rank > self.rank:
-            self._set_factors(*grow_factors(self.lora_A, self.lora_B, self.scaling, rank, new_scaling))
-        elif self.lora_A is not None and rank < self.rank:
-            svd = svd_of_product(self.lora_B.detach(), self.lora_A.detach(), self.scaling)
-            self._set_factors(*factors_from_svd(svd, rank, new_scaling, dtype=dtype, device=device)[:2])
-        elif self.lora_A is None and mode is Mode.LORA:
-            self._set_factors(*fresh_factors(self.in_features, self.out_features, rank, dtype=dtype, device=device))
-        self.rank = rank
-        for p in (self.lora_A, self.lora_B):
-            if p is not None:
-                p.requires_grad_(mode is Mode.LORA)
-        if self.delta is not None:
-            self.delta.requires_grad_(True)
-        if self.base.bias is not None:
-            self.base.bias.requires_grad_(mode is Mode.FULL)
-            if mode is Mode.FULL:
-                mark_changed(self.base.bias)
-        self._mode = mode
+    # Only three steps differ from LoRALinear: Q is never written, so an update lives in
+    # factors (LORA, or FROZEN keeping them) or in the dense delta D (FULL).
+    def _keeps_factors(self, mode: Mode) -> bool:
+        """LORA holds factors; FROZEN keeps whatever update the layer has as frozen factors."""
+        return mode is Mode.LORA or (mode is Mode.FROZEN and (self.lora_A is not None or self.delta is not None))
 
-    def _adopt_structure(self, factor_rank: int | None, has_delta: bool) -> None:
-        """Factors and/or dense delta as a saved state describes; delta → FULL, factors alone →
-        LORA (FROZEN stays FROZEN), neither → FROZEN."""
-        was = self._mode
-        self._adopt_factors(factor_rank)
+    def _start_factors(self, rank: int) -> None:
+        """From FULL: the best rank-``rank`` approximation of ``D`` (lossy unless rank(D) ≤ r:
+        the Frobenius error is the norm of the discarded singular values). Otherwise fresh."""
+        if self.delta is None:
+            super()._start_factors(rank)
+            return
+        a, b, _ = factors_from_svd(svd_dense(self.delta.detach()), rank, lora_scaling(self.alpha, rank, self.rslora),
+                                   dtype=self._weight_dtype(), device=self._weight_device())
+        self.delta = None
+        self._set_factors(a, b)
+
+    def _release_factors(self, mode: Mode) -> None:
+        """To FULL: ``D = s·BA`` exactly (zeros without factors); the factors are dropped."""
+        if mode is not Mode.FULL or self.delta is not None:
+            return
+        delta = self._learned_delta()
+        dense = delta if delta is not None else torch.zeros(self.out_features, self.in_features,
+                                                            device=self._weight_device())
+        self._set_factors(None, None)
+        self.delta = nn.Parameter(dense.to(dtype=self._weight_dtype(), device=self._weight_device()))
+
+    def _absorb_remainder(self, remainder: torch.Tensor) -> None:
+        """A rank cut's remainder is discarded (Q is never re-quantized): the error is the norm
+        of the discarded singular values."""
+
+    # ---------------------------------------------------------------- structure
+    def _quant_layout(self) -> QuantConfig | None:
+        config = getattr(self, "quant_config", None)
+        return None if config is None else replace(config, compute_dtype=self._weight_dtype())
+
+    def _adopt_delta(self, has_delta: bool) -> None:
         if has_delta and self.delta is None:
             self.delta = nn.Parameter(torch.zeros(self.out_features, self.in_features, dtype=self._weight_dtype(),
                                                   device=self._weight_device()))
         elif not has_delta:
             self.delta = None
-        if has_delta:
-            mode = Mode.FULL
-        elif factor_rank is not None:
-            mode = Mode.FROZEN if was is Mode.FROZEN else Mode.LORA
-        else:
-            mode = Mode.FROZEN
-        for p in (self.lora_A, self.lora_B):
-            if p is not None:
-                p.requires_grad_(mode is Mode.LORA)
-        if self.base.bias is not None:
-            self.base.bias.requires_grad_(mode is Mode.FULL)
-        self._mode = mode
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quant_type={self.quant_type}"

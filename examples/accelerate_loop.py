@@ -11,11 +11,11 @@ import math
 
 import torch
 from accelerate import Accelerator
+from adaptopt.integrations.ddp import AdaptiveDDP
+from synthetic_task import TaskDataset, accuracy, tiny_bert
 from torch.utils.data import DataLoader
 
 from adaptopt import AdaptiveOptimizer
-from adaptopt.integrations.ddp import AdaptiveDDP
-from synthetic_task import TaskDataset, accuracy, tiny_bert
 
 
 def main(epochs: int = 3, accumulation: int = 2) -> dict:
@@ -37,7 +37,8 @@ def main(epochs: int = 3, accumulation: int = 2) -> dict:
                 prepared_opt.zero_grad()
     test = TaskDataset(256, seed=2)
     result = {"accuracy": accuracy(model, test.tokens.to(accelerator.device), test.labels.to(accelerator.device)),
-              "steps": opt.step_count, "decisions": sorted({h["step"] for h in opt.history if h["reason"] == "decision"})}
+              "steps": opt.step_count,
+              "decisions": sorted({h["step"] for h in opt.history if h["reason"] == "decision"})}
     if accelerator.is_main_process:
         print(opt.summary())
         print(result)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from adaptopt.integrations.ddp import AdaptiveDDP
+from synthetic_task import TaskDataset, accuracy, tiny_bert
 from torch.utils.data import DataLoader, DistributedSampler
 
 from adaptopt import AdaptiveOptimizer, save_adapters
-from adaptopt.integrations.ddp import AdaptiveDDP
-from synthetic_task import TaskDataset, accuracy, tiny_bert
 
 
 def main(output_dir: str | None = None, epochs: int = 3) -> None:

@@ -14,11 +14,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from adaptopt.integrations.hf import AdaptoptCallback
+from synthetic_task import TaskDataset, tiny_bert
 from transformers import Trainer, TrainingArguments
 
 from adaptopt import AdaptiveOptimizer, export_merged, save_adapters
-from adaptopt.integrations.hf import AdaptoptCallback
-from synthetic_task import TaskDataset, tiny_bert
 
 
 def compute_metrics(prediction) -> dict[str, float]:

@@ -11,9 +11,9 @@ really trains its base weight afterwards.
 from __future__ import annotations
 
 import torch
+from synthetic_task import accuracy, make_task, tiny_bert
 
 from adaptopt import AdaptiveOptimizer, Mode
-from synthetic_task import accuracy, make_task, tiny_bert
 
 
 def main(steps: int = 120, promote_at: int = 60) -> dict[str, float]:

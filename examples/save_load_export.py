@@ -14,10 +14,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from synthetic_task import make_task, tiny_bert
 from transformers import AutoModelForSequenceClassification
 
 from adaptopt import AdaptiveOptimizer, export_merged, export_peft, load_adapters, save_adapters
-from synthetic_task import make_task, tiny_bert
 
 
 def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -101,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def run_compare(config: dict[str, Any]) -> list[dict[str, Any]]:
-    from adaptopt.report import markdown_table, plot_compare, write_tables
+    from .report import markdown_table, plot_compare, write_tables
     from .runner import compare_runs
     if not config["methods"]:
         raise ConfigError(f"{config['source']}: compare.methods: list the methods to compare")
@@ -136,6 +136,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from adaptopt import AdaptiveOptimizer, Spectrum
+
     from .models import load_model
     model_cfg = {"path": args.model} if Path(args.model).exists() else {"name": args.model}
     try:

@@ -1,4 +1,4 @@
-"""Run configurations for the ``adaptopt`` command: YAML in the methods-framework seed's style.
+"""Run configurations for the ``adaptopt`` command: YAML in the style of the methods framework (docs/design.md §7).
 
 ::
 
@@ -17,7 +17,7 @@
     output_dir: runs/minilm
     compare: {methods: [full, lora, automode], seeds: [0, 1]}   # for `adaptopt compare`
 
-The seed's own keys are accepted verbatim. ``spectrum.snr_threshold`` is a percentile (higher →
+The framework's own keys are accepted verbatim. ``spectrum.snr_threshold`` is a percentile (higher →
 fewer layers): it selects the top ``(1 − threshold) × 100`` % per layer type;
 ``layers_to_finetune: [indices]`` trains exactly those blocks. Every key is checked; an
 unknown one stops with the file, the key and what was expected.

@@ -76,7 +76,8 @@ def _classification(texts: list[str], labels: list[str], groups: list[Any], cfg:
                     source: str) -> TextData:
     names = sorted(set(labels))
     if len(names) < 2:
-        raise ConfigError(f"data: {source} has {len(names)} distinct label(s) {names}; classification needs two or more")
+        raise ConfigError(f"data: {source} has {len(names)} distinct label(s) {names}; "
+                          "classification needs two or more")
     seed = int(cfg.get("split_seed", 0))
     train, held = _split(texts, groups, float(cfg.get("eval_fraction", 0.2)), seed)
     train, held = _cap(train, cfg.get("max_train"), seed), _cap(held, cfg.get("max_eval"), seed + 1)

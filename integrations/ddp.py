@@ -3,7 +3,7 @@
 DDP binds its gradient all-reduce to the parameters that require grad *when it is built*.
 After a transition that starts training a parameter (a fresh LoRA factor, a promoted
 weight), the old wrapper would silently leave that parameter's gradient un-reduced and the
-ranks would drift apart (measured, DESIGN section 5). :class:`AdaptiveDDP` rebuilds the
+ranks would drift apart (measured, docs/design.md §8). :class:`AdaptiveDDP` rebuilds the
 wrapper after every transition; building DDP also broadcasts rank 0's parameters and
 buffers, so freshly initialised factors start identical on every rank.
 

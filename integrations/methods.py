@@ -1,6 +1,6 @@
 """A method section of a run config → ``AdaptiveOptimizer`` keyword arguments (policy included).
 
-The seed's keys map as follows: ``lora.{r, alpha, dropout, target_modules}`` → ``rank``,
+The methods framework's keys map as follows: ``lora.{r, alpha, dropout, target_modules}`` → ``rank``,
 ``alpha``, ``dropout``, ``targets``; ``lora.bias: all | lora_only`` → biases train too;
 ``quantization.*`` → ``quantize`` (4 bits only); ``spectrum.snr_threshold = p`` → Spectrum
 ``top_percent = (1 − p)·100``; ``spectrum.layers_to_finetune: [i, j]`` → those blocks FULL,
@@ -79,7 +79,7 @@ def optimizer_kwargs(method_cfg: Mapping[str, Any], training: Mapping[str, Any],
         "lr": lr, "lora_lr": float(lora_lr) if lora_lr else lr * LORA_LR_MULTIPLE,
         "rank": rank, "alpha": float(lora.get("alpha", 2 * rank)), "dropout": float(lora.get("dropout", 0.0)),
         "rslora": bool(lora.get("rslora", False)), "weight_decay": float(training.get("weight_decay", 0.0)),
-        # full fine-tuning means every parameter, embeddings included (as in the seeds' Full-FT rows)
+        # full fine-tuning means every parameter, embeddings included (as in the published Full-FT baselines)
         "train_other": bool(training.get("train_other", False)) or method_cfg["method"] == "full",
         "trainable": tuple(trainable),
         "policy": policy_for(method_cfg, rank, where),

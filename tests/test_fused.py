@@ -7,7 +7,8 @@ by at most ``~k·eps·Σ|terms|``; ``Σ|terms|`` is the same formula evaluated o
 from __future__ import annotations
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from adaptopt import LoRALinear

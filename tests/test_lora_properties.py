@@ -8,7 +8,8 @@ no-op implementation fails.
 from __future__ import annotations
 
 import torch
-from hypothesis import assume, given, strategies as st
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from adaptopt import LoRALinear, Mode
 from tests.helpers import abs_scale, make_base, randomize_adapter, simulate_training
@@ -88,7 +89,7 @@ actions = st.lists(
 
 @given(lora_layers(dtypes=[torch.float32, torch.float64]), actions)
 def test_any_transition_sequence_preserves_the_function(layer, steps):
-    """fp32: at most 1e-6 of the output scale (DESIGN 3.1); fp64: the same number of ulps (a
+    """fp32: at most 1e-6 of the output scale (docs/design.md §3); fp64: the same number of ulps (a
     float64 weight that took a float32 detour on a merge would miss it by nine digits)."""
     module, x = layer
     ulps = 1e-6 / eps(torch.float32)

@@ -5,7 +5,8 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adaptopt import AdaptiveOptimizer, Fixed, LayerDecision, Mode, inject_adapters
 from tests.helpers import assert_same_snapshot, snapshot
@@ -265,7 +266,8 @@ def test_nonfinite_gradients_skip_the_step_or_raise():
     assert opt.skipped_steps == 1 and opt.step_count == 1
     assert_same_snapshot(before, snapshot(model))
     opt.nonfinite = "raise"
-    with pytest.raises(FloatingPointError, match=r"non-finite gradients in \['bert.encoder.layer.0.attention.self.query.lora_A'\]"):
+    with pytest.raises(FloatingPointError,
+                       match=r"non-finite gradients in \['bert.encoder.layer.0.attention.self.query.lora_A'\]"):
         opt.step()
     assert_same_snapshot(before, snapshot(model))
 

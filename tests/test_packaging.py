@@ -22,7 +22,8 @@ def test_core_imports_without_optional_dependencies(tmp_path):
             "    sys.modules[name] = None\n"
             "import adaptopt, torch\n"
             "m = adaptopt.LoRALinear(torch.nn.Linear(4, 4))\n"
-            "print(type(m).__name__, sorted(k for k, v in sys.modules.items() if v is not None and k.startswith('transformers')))")
+            "print(type(m).__name__, sorted(k for k, v in sys.modules.items()\n"
+            "      if v is not None and k.startswith('transformers')))")
     assert run_python(code, tmp_path) == "LoRALinear []"
 
 

@@ -7,12 +7,24 @@ import random
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from adaptopt import (
-    ALoRS, AdaptiveOptimizer, AutoMode, BitFit, LayerwiseLR, LoRA, Mode, QLoRA, QuantLoRALinear, RankAllocation,
-    Spectrum, TopK, build_policy,
+    AdaptiveOptimizer,
+    ALoRS,
+    AutoMode,
+    BitFit,
+    LayerwiseLR,
+    LoRA,
+    Mode,
+    QLoRA,
+    QuantLoRALinear,
+    RankAllocation,
+    Spectrum,
+    TopK,
+    build_policy,
 )
 from adaptopt.policies import POLICIES, LayerView, allocate_ranks
 from tests.test_scores import _reference_spectrum_snr

@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
-from hypothesis import given, strategies as st
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -175,7 +176,7 @@ def retained(change: torch.Tensor, delta: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("relative_size", [0.01, 0.05, 0.10])
 def test_promote_then_demote_keeps_a_low_rank_delta_requantizing_loses_it(relative_size, record_property):
-    """DESIGN 3.1: 4-bit layers never re-quantize a learned update. A rank-16 update of
+    """docs/design.md §3: 4-bit layers never re-quantize a learned update. A rank-16 update of
     relative size 1/5/10% survives LORA → FULL → LORA; re-quantizing keeps far less of it."""
     torch.manual_seed(0)
     base = torch.nn.Linear(512, 512, bias=False)
@@ -234,6 +235,7 @@ def test_eval_passes_do_not_repack_or_change_the_4bit_layer():
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_wrapping_an_already_repacked_base_restores_a_consistent_layout(double_quant):
     import bitsandbytes as bnb
+
     from adaptopt.quant import QuantConfig, quantize_linear
     if not bnb.functional.has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")

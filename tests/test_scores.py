@@ -8,14 +8,25 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from adaptopt import LoRALinear, Mode
-from adaptopt.hooks import StatsCollector
+from adaptopt.layer_stats import StatsCollector
 from adaptopt.scores import (
-    SNR_MODES, UniformScoresError, cosine_metric, cross_entropy_metric, mp_median, normalise, singular_values, spectrum_snr,
-    svd_metric, unit_importance, weight_norms, weight_scores,
+    SNR_MODES,
+    UniformScoresError,
+    cosine_metric,
+    cross_entropy_metric,
+    mp_median,
+    normalise,
+    singular_values,
+    spectrum_snr,
+    svd_metric,
+    unit_importance,
+    weight_norms,
+    weight_scores,
 )
 from tests.helpers import make_base, randomize_adapter
 

@@ -1,4 +1,4 @@
-"""Policies: every system in the seeds as a small object over one mechanism.
+"""Policies: every method adaptopt reproduces (docs/design.md §7) as a small object over one mechanism.
 
 ========================  ===========================================================  ======
 policy                    what it does                                                 seed
@@ -20,7 +20,15 @@ mode policies do not stack (each owns every layer's mode).
 """
 from .automode import AutoMode
 from .base import (
-    POLICIES, LayerDecision, LayerView, Policy, Scores, build_policy, name_matcher, name_matches, percent_count,
+    POLICIES,
+    LayerDecision,
+    LayerView,
+    Policy,
+    Scores,
+    build_policy,
+    name_matcher,
+    name_matches,
+    percent_count,
     register_policy,
 )
 from .layerwise_lr import LayerwiseLR

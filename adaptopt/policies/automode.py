@@ -1,4 +1,4 @@
-"""AutoMode (seed 000): gradient importance decides, u times per epoch, which layers train fully."""
+"""AutoMode (docs/design.md §7): gradient importance decides, u times per epoch, which layers train fully."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -6,8 +6,17 @@ from typing import Mapping
 from ..modes import Mode
 from ..scores.gradient import GRANULARITIES, unit_importance, units
 from .base import (
-    LayerDecision, LayerView, Policy, Scores, check_percent, check_positive_int, evenly_spaced, percent_count,
-    position_in_epoch, register_policy, require_epochs,
+    LayerDecision,
+    LayerView,
+    Policy,
+    Scores,
+    check_percent,
+    check_positive_int,
+    evenly_spaced,
+    percent_count,
+    position_in_epoch,
+    register_policy,
+    require_epochs,
 )
 
 
@@ -17,9 +26,9 @@ class AutoMode(Policy):
     the top ``t`` % to FULL, the bottom ``bottom`` % to FROZEN and the rest to LoRA.
 
     Args:
-        u: decisions per epoch, evenly spaced, the last at the epoch's end (seed: 6).
-        t: percent of units fully fine-tuned, ``⌈n·t/100⌉`` of ``n`` (seed: 10).
-        bottom: percent of units frozen (seed: 0).
+        u: decisions per epoch, evenly spaced, the last at the epoch's end (AutoMode's default: 6).
+        t: percent of units fully fine-tuned, ``⌈n·t/100⌉`` of ``n`` (default: 10).
+        bottom: percent of units frozen (default: 0).
         rank: LoRA rank of the LoRA units (``None``: the optimizer's ``rank``; seed: 16).
         granularity: ``"block"`` (default: all targets of a transformer block share a mode,
             scored by the norm of their joint gradient) or ``"module"`` (each target alone).
@@ -27,7 +36,7 @@ class AutoMode(Policy):
             each decision (``None``: on every step); their importance is aggregated over them
             (:mod:`adaptopt.scores.gradient`, which also lists the extra cost of a scored step).
 
-    The seed's README says "t=10 means the top 10 % most active layers are fully
+    AutoMode's README says "t=10 means the top 10 % most active layers are fully
     fine-tuned"; its notebook code does the opposite (``score >= percentile(scores, t)``
     sends ~90 % of layers to full). This follows the README. Ties rank in model order.
     """

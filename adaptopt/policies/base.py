@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 from ..modes import Mode
+from ..names import matcher as name_matcher  # noqa: F401  (re-exported: policies match names with it)
+from ..names import name_matches as name_matches
 
 
 @dataclass(frozen=True)
@@ -105,23 +106,6 @@ class Policy:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "method")
         return f"{type(self).__name__}({args})"
-
-
-def name_matcher(pattern: str) -> Callable[[str], bool]:
-    """A predicate: does the regex ``pattern`` fullmatch a run of a name's dotted components?"""
-    regex = re.compile(pattern)
-
-    def matches(name: str) -> bool:
-        parts = name.split(".")
-        return any(regex.fullmatch(".".join(parts[i:j])) for i in range(len(parts))
-                   for j in range(i + 1, len(parts) + 1))
-    return matches
-
-
-def name_matches(pattern: str, name: str) -> bool:
-    """True if the regex ``pattern`` fullmatches a run of ``name``'s dotted components
-    (``"classifier"`` matches ``classifier.dense.weight``; ``"bias"`` matches ``…LayerNorm.bias``)."""
-    return name_matcher(pattern)(name)
 
 
 def percent_count(percent: float, n: int) -> int:

@@ -1,4 +1,4 @@
-r"""Layer-wise learning rates from weight metrics (seed 004), resolved as DESIGN 3.3 says.
+r"""Layer-wise learning rates from SVD / CE / CS weight metrics, resolved as docs/design.md §7 says.
 
 At the start of epoch ``e`` the phase is ``phases[e mod len(phases)]`` and each layer's LR
 scale (a multiplier of its groups' scheduled lr) is, from the metric normalised to [0, 1]
@@ -11,7 +11,7 @@ across layers (:mod:`adaptopt.scores.svd`, :mod:`.entropy`, :mod:`.cosine`):
 each clamped to ``[max(1 − coefficient, floor), 1]``: lower metric → higher LR (higher CS
 → higher LR), never above the base LR, never 0.
 
-The seed contradicts itself: its phase formulas (``1 − α(1 − M)`` for SVD/CE, ``1 + γM``
+The source contradicts itself: its phase formulas (``1 − α(1 − M)`` for SVD/CE, ``1 + γM``
 for CS) give the *higher* LR to the higher metric and can exceed the base LR, while its
 prose and code say "lower metric → higher LR" (``scale = 1 − metric``, ``scale = metric``
 for CS). We follow the prose and code, bounded as above.
@@ -32,7 +32,7 @@ class LayerwiseLR(Policy):
 
     Args:
         phases: metrics in the order the epochs use them (default ``("svd", "ce", "cs")``).
-        alpha, beta, gamma: strengths of the SVD, CE and CS phases (seed: 1).
+        alpha, beta, gamma: strengths of the SVD, CE and CS phases (the source: 1).
         floor: smallest scale any layer gets (default 0.1: with coefficient 1 the formula
             would give some layer lr 0).
         base: the mode policy underneath (name, mapping or Policy). Default ``"full"``: all

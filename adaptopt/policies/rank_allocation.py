@@ -1,4 +1,4 @@
-r"""Adaptive LoRA rank allocation (seed 001): static per-layer ranks at a fixed budget.
+r"""Adaptive LoRA rank allocation (docs/design.md §7): static per-layer ranks at a fixed budget.
 
 Each layer ``ℓ`` (a LoRA of rank ``r`` over an ``out × in`` weight costs ``r·(in + out)``
 parameters) gets a weight ``w_ℓ`` from the strategy, and ranks proportional to it with the
@@ -29,8 +29,8 @@ def allocate_ranks(weights: Mapping[str, float], costs: Mapping[str, int], budge
     ``c`` is found by bisection on the clamped continuous ranks; the rounding error is then
     repaired by single ±1 moves (or a +1/−1 pair when no single move helps), each the one
     that strays least from the ideal ranks. When integer steps cannot reach the budget (a
-    few tiny layers), the ideal is blended toward the uniform rank until they can. Raises ``ValueError`` if the result is
-    more than 2 % off ``budget`` (bounds too tight for it).
+    few tiny layers), the ideal is blended toward the uniform rank until they can. Raises
+    ``ValueError`` if the result is more than 2 % off ``budget`` (bounds too tight for it).
     """
     names = list(weights)
     if not names:
@@ -103,7 +103,7 @@ class RankAllocation(Policy):
             ``"weight_norm"``: proportional to ``rms(W) = ‖W‖_F/√(m·n)`` (size-free, so big
             matrices are not favoured twice).
         budget: the rank of the fixed-rank baseline whose trainable-parameter count to match
-            (seed: 8 or 16); the total is within 2 % of it.
+            (the source: 8 or 16); the total is within 2 % of it.
         min_rank, max_rank: bounds per layer (``max_rank`` also capped at ``min(in, out)``).
     """
 

@@ -1,4 +1,4 @@
-"""Policies from weight SNR: Spectrum (seed 002) and ALoRS (seed 003)."""
+"""Policies from weight SNR: Spectrum and ALoRS (docs/design.md §7)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,14 @@ from typing import Any, Mapping
 from ..modes import Mode
 from ..scores.spectrum import SNR_MODES
 from .base import (
-    LayerDecision, LayerView, Policy, Scores, check_percent, check_positive_int, percent_count, register_policy,
+    LayerDecision,
+    LayerView,
+    Policy,
+    Scores,
+    check_percent,
+    check_positive_int,
+    percent_count,
+    register_policy,
 )
 
 
@@ -38,7 +45,7 @@ class Spectrum(Policy):
     rest stay frozen — ``int(n·p/100)`` of ``n`` per type, as ``spectrum.py`` counts.
 
     Args:
-        top_percent: percent of each layer type to train (seed/tool default: 50).
+        top_percent: percent of each layer type to train (Spectrum's default: 50).
         mode: ``"mp"`` (default, Marchenko–Pastur noise edge) or ``"compat"`` (the numbers of
             ``spectrum.py``); see :mod:`adaptopt.scores.spectrum`.
         rescan_epochs: re-score and re-select every this many epochs (``None``: once, at the
@@ -90,7 +97,7 @@ class ALoRS(Policy):
     Args:
         high: percent of layers (per type with ``per_type``) in the high band, ``⌈n·high/100⌉``.
         mid: percent in the mid band, the next ``⌈n·mid/100⌉``; the rest are frozen.
-        r_high, r_low: the two LoRA ranks (seed: "high-rank" / "low-rank"; 16 and 4).
+        r_high, r_low: the two LoRA ranks (ALoRS: "high-rank" / "low-rank"; 16 and 4).
         mode: SNR flavour, ``"mp"`` or ``"compat"``.
         per_type: rank layers within their type (query against query), as Spectrum does,
             since SNR differs systematically between shapes.

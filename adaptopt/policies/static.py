@@ -1,7 +1,7 @@
 """Static policies: one assignment at the start, no decisions, no statistics.
 
-The baselines of the seeds: ``Full``, ``LoRA(r)``, ``QLoRA(r)`` (seed 002), ``BitFit`` and
-``TopK(k)`` (seed 000), plus ``Frozen`` and a hand-written ``Fixed`` assignment.
+The baselines (docs/design.md §7): ``Full``, ``LoRA(r)``, ``QLoRA(r)`` (the methods framework),
+``BitFit`` and ``TopK(k)`` (AutoMode's baselines), plus ``Frozen`` and a hand-written ``Fixed`` assignment.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 - :mod:`.gradient` — gradient importance from the statistics hooks (AutoMode);
 - :mod:`.spectrum` — Spectrum SNR, ``compat`` and Marchenko–Pastur ``mp``;
-- :mod:`.svd`, :mod:`.entropy`, :mod:`.cosine` — seed 004's SVD / CE / CS metrics;
+- :mod:`.svd`, :mod:`.entropy`, :mod:`.cosine` — layer-wise LR's SVD / CE / CS metrics;
 - :mod:`.norms` — weight norms (activation magnitudes come from the hooks).
 
 :func:`weight_scores` computes the weight-only families a policy asks for, in one pass
@@ -18,8 +18,8 @@ import torch
 from .cosine import cosine_metric
 from .entropy import cross_entropy_metric
 from .gradient import unit_importance, units
-from .norms import weight_norms
 from .normalise import UniformScoresError, normalise
+from .norms import weight_norms
 from .spectrum import SNR_MODES, mp_median, snr_compat, snr_mp, spectrum_snr
 from .svd import spectral_mass, svd_metric
 from .weights import effective_weights, singular_values

@@ -1,4 +1,4 @@
-r"""Cosine-similarity (CS) metric of seed 004: how redundant a layer is with its peers.
+r"""Cosine-similarity (CS) metric of layer-wise LR (docs/design.md §6): how redundant a layer is with its peers.
 
 Only layers of the same shape are compared (a flattened ``768×768`` and ``3072×768`` have no
 common coordinates). Within a shape group ``G(ℓ)``:
@@ -16,7 +16,6 @@ from collections import defaultdict
 from typing import Mapping
 
 import torch
-
 
 
 def cosine_metric(weights: Mapping[str, torch.Tensor]) -> dict[str, float]:

@@ -1,4 +1,4 @@
-r"""Cross-entropy (CE) metric of seed 004: how unlike the other layers a layer's weights are.
+r"""Cross-entropy (CE) metric of layer-wise LR (docs/design.md §6): how unlike the other layers a layer's weights are.
 
 Each layer's ``|w|`` is histogrammed on one common binning (``bins`` equal bins over
 ``[0, max_ℓ |w|]`` across all layers), so layers of different shapes compare:
@@ -8,16 +8,15 @@ Each layer's ``|w|`` is histogrammed on one common binning (``bins`` equal bins 
     H(p, q) = -\sum_j p(j)\log\big(q(j) + \epsilon\big),\qquad
     M^{\text{raw}}_{\text{CE}}(\ell) = \frac{1}{L-1}\sum_{i\ne\ell} H(p_\ell, p_i)
 
-with ``ε = 1e-10`` (the seed's constant), then min–max normalised across layers. (The seed's
-code compares only same-shape layers, element by element; DESIGN 3.3 asks for a metric
-valid across shapes, which a distribution over a common binning is.)
+with ``ε = 1e-10`` (the source's constant), then min–max normalised across layers. (The source
+code compares only same-shape layers, element by element; we want a metric valid across
+shapes, which a distribution over a common binning is.)
 """
 from __future__ import annotations
 
 from typing import Mapping
 
 import torch
-
 
 EPS = 1e-10
 

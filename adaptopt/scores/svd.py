@@ -1,6 +1,6 @@
-r"""SVD metric of seed 004 (layer-wise LR), as resolved in DESIGN 3.3.
+r"""SVD metric of layer-wise LR, as resolved in docs/design.md §6.
 
-The seed prints ``M_SVD = (1/n) Σ i/n``, which is a constant, and its code takes the mean
+The source prints ``M_SVD = (1/n) Σ i/n``, which is a constant, and its code takes the mean
 singular value, which is scale-dependent. Its stated intent — low when the singular
 values drop off steeply, naturally in [0, 1] — is the normalised spectral mass:
 

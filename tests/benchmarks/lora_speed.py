@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from interleave import interleaved_medians  # noqa: E402
+
 TARGETS = ["query", "key", "value", "dense"]
 CANDIDATES = ("full", "adaptopt", "adaptopt composite", "peft", "frozen floor", "adaptopt qlora")
 

@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from adaptopt import AdaptiveOptimizer, Mode, find_adapters  # noqa: E402
 from interleave import interleaved_medians  # noqa: E402
+
+from adaptopt import AdaptiveOptimizer, Mode, find_adapters  # noqa: E402
 
 
 def build(model_name: str, hidden: int = 128, layers: int = 4) -> torch.nn.Module:

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from interleave import interleaved_medians  # noqa: E402
+
 from adaptopt.inject import select_targets  # noqa: E402
 from adaptopt.scores import singular_values, spectrum_snr  # noqa: E402
-from interleave import interleaved_medians  # noqa: E402
 
 
 def load(name: str) -> torch.nn.Module:

@@ -31,7 +31,8 @@ def main() -> None:
     full, lora, auto = by["full"], by["lora r=16"], by["automode u=6 t=10"]
     print("\nmethod                 time/Full  time/LoRA  RSS (MB)  RSS-LoRA (MB)")
     for s in summary:
-        print(f"{s['method']:<22} {s['wall_time_s'] / full['wall_time_s']:9.2f} {s['wall_time_s'] / lora['wall_time_s']:10.2f}"
+        print(f"{s['method']:<22} {s['wall_time_s'] / full['wall_time_s']:9.2f}"
+              f" {s['wall_time_s'] / lora['wall_time_s']:10.2f}"
               f" {s['peak_rss_mb']:9.0f} {s['peak_rss_mb'] - lora['peak_rss_mb']:14.0f}")
     memory_cap = lora["peak_rss_mb"] + 0.15 * (full["peak_rss_mb"] - lora["peak_rss_mb"])
     checks = [("AutoMode time <= 0.7 x Full", auto["wall_time_s"] / full["wall_time_s"], 0.7),

@@ -1,0 +1,63 @@
+"""How a pattern selects modules and parameters: the one name dialect of adaptopt.
+
+Used alike by :func:`~adaptopt.inject_adapters` (``targets``), the policies (``Fixed``'s
+assignment) and :class:`~adaptopt.AdaptiveOptimizer` (``trainable=`` / ``frozen=``).
+
+A pattern is a regular expression. It matches a dotted name when it ``fullmatch``-es a
+*run* of the name's components, i.e. the name of the module itself or of any module that
+contains it, written from any depth (docs/design.md §5):
+
+- ``"query"`` matches ``encoder.layer.0.attention.self.query`` (a tail);
+- ``"classifier"`` matches ``classifier.dense.weight`` (every tensor inside ``classifier``);
+- ``r"layer\\.[0-2]"`` matches everything inside blocks 0–2;
+- ``"bias"`` matches ``encoder.layer.0.output.LayerNorm.bias``.
+
+A plain module name is a regex that matches itself, so PEFT-style name lists work unchanged.
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Callable, Iterable, Pattern, Union
+
+NamePattern = Union[str, Pattern[str]]
+
+
+@lru_cache(maxsize=1024)
+def _compiled(pattern: str) -> Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"invalid name pattern {pattern!r}: {exc}. Patterns are regular expressions; "
+                         "escape dots and brackets (re.escape) to match a name literally") from exc
+
+
+def compile_pattern(pattern: NamePattern) -> Pattern[str]:
+    """``pattern`` compiled (a ``ValueError`` naming it if it is not a valid regex)."""
+    if isinstance(pattern, re.Pattern):
+        return pattern
+    if not isinstance(pattern, str):
+        raise ValueError(f"a name pattern must be a string or a compiled regex, got {pattern!r}")
+    return _compiled(pattern)
+
+
+def runs(name: str) -> list[str]:
+    """Every run of consecutive dotted components: ``"a.b.c"`` → ``a.b.c, a.b, a, b.c, b, c``."""
+    parts = name.split(".")
+    return [".".join(parts[i:j]) for i in range(len(parts)) for j in range(len(parts), i, -1)]
+
+
+def matcher(patterns: NamePattern | Iterable[NamePattern]) -> Callable[[str], bool]:
+    """A predicate: does any of ``patterns`` fullmatch a run of a name's dotted components?"""
+    if isinstance(patterns, (str, re.Pattern)):
+        patterns = [patterns]
+    compiled = [compile_pattern(p) for p in patterns]
+
+    def matches(name: str) -> bool:
+        return any(regex.fullmatch(run) for run in runs(name) for regex in compiled)
+    return matches
+
+
+def name_matches(pattern: NamePattern, name: str) -> bool:
+    """True if ``pattern`` fullmatches a run of ``name``'s dotted components (see the module docstring)."""
+    return matcher(pattern)(name)
