@@ -22,3 +22,16 @@ def mark_changed(*params: torch.Tensor | None) -> None:
 def is_changed(p: torch.Tensor) -> bool:
     """Marked as changed, or trainable right now (a user's own optimizer may train it)."""
     return bool(getattr(p, MARK, False)) or p.requires_grad
+
+
+def capture_marks(model: torch.nn.Module) -> dict[torch.Tensor, bool]:
+    """Every parameter's mark, to put back with :func:`restore_marks` if an operation fails."""
+    return {p: bool(getattr(p, MARK, False)) for p in model.parameters()}
+
+
+def restore_marks(marks: dict[torch.Tensor, bool]) -> None:
+    for p, marked in marks.items():
+        if marked:
+            setattr(p, MARK, True)
+        elif hasattr(p, MARK):
+            delattr(p, MARK)

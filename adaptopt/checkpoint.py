@@ -3,20 +3,24 @@ safetensors only (nothing is ever unpickled). The exports for other tools (a mer
 a PEFT adapter) are in :mod:`adaptopt.export`; the formats are described in
 docs/design.md §9.
 
-``adapters.safetensors`` holds only what differs from the base model (LoRA factors, 4-bit
+``adapters.<id>.safetensors`` holds only what differs from the base model (LoRA factors, 4-bit
 layers' dense deltas, weights that trained or had an update folded in, trained non-target
 parameters such as a classifier head); ``adapters.json`` holds every adapted layer's
 :class:`~adaptopt.layout.Layout` record (mode, rank, alpha, rsLoRA flag, dropout, 4-bit
-settings, factors, merged) and its geometry. Loading into a fresh base model reproduces the
-adapted model exactly (same logits).
+settings, factors, merged) and its geometry, and names the tensor file with its SHA-256 — it
+is the commit point of a save (see :func:`save_adapters`). Loading into a fresh base model
+reproduces the adapted model exactly (same logits).
 
 The loader validates names, shapes and dtypes against the model *before* touching it and
 raises ``ValueError`` listing all mismatches; a failure midway puts the model back as it was.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import secrets
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,18 +28,19 @@ import torch
 from torch import nn
 
 from .changed_params import is_changed, mark_changed
-from .files import save_tensors, write_json
+from .files import folder_lock, remove_stale_temporaries, save_tensors, write_json
 from .inject import find_adapters, require_adapters
 from .layout import Layout, ModuleSwap, build_layer, dtype_name
 from .lora import LoRALinear, is_quantized_linear, linear_geometry
 
-ADAPTERS_FILE = "adapters.safetensors"
+ADAPTERS_FILE = "adapters.safetensors"  # the tensor file of folders written before saves were versioned
+TENSOR_FILE = re.compile(r"adapters(\.[0-9a-f]+)?\.safetensors")
+RECORD_KEYS = ("mode", "rank", "in_features", "out_features")
 CONFIG_FILE = "adapters.json"
 FORMAT = "adaptopt.adapters/1"
 FACTOR_NAMES = ("lora_A", "lora_B", "delta")
 
 
-# --------------------------------------------------------------------------- small helpers
 # --------------------------------------------------------------------------- save_adapters
 def _layer_record(module: LoRALinear) -> dict[str, Any]:
     return {**module.layout().to_record(), "in_features": module.in_features, "out_features": module.out_features,
@@ -67,36 +72,104 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     rank, alpha, rsLoRA flag, dropout and 4-bit settings. Untouched base weights are not
     saved: load into the same base model with :func:`load_adapters`. Buffers (e.g. batch-norm
     running statistics) are not saved.
+
+    A save is one atomic step: the tensors go to a new ``adapters.<id>.safetensors``, then
+    ``adapters.json`` — which names that file and its SHA-256 — replaces the old one by a
+    rename, and only then is the previous tensor file deleted. A crash at any moment leaves
+    a folder that loads as the previous save or as this one. Processes saving into one folder
+    take turns; temporaries of killed saves are removed by the next save.
     """
     tensors, config = adapter_state(model)
     out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cannot save adapters to {out}: it is a file; pass a directory path")
     out.mkdir(parents=True, exist_ok=True)
-    save_tensors(out / ADAPTERS_FILE, tensors, metadata={"format": FORMAT})
-    write_json(out / CONFIG_FILE, config)
+    with folder_lock(out):
+        remove_stale_temporaries(out)
+        name = f"adapters.{secrets.token_hex(6)}.safetensors"
+        save_tensors(out / name, tensors, metadata={"format": FORMAT})
+        config["tensors"] = {"file": name, "sha256": _sha256(out / name), "bytes": (out / name).stat().st_size}
+        write_json(out / CONFIG_FILE, config)  # the commit point
+        for old in out.glob("adapters*.safetensors"):
+            if old.name != name:
+                old.unlink()
     return out
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 # --------------------------------------------------------------------------- load_adapters
+def adapters_file(directory: str | os.PathLike) -> Path:
+    """The tensor file the adapters in ``directory`` use (named in ``adapters.json``;
+    ``adapters.safetensors`` in folders written before saves were versioned)."""
+    directory = Path(directory)
+    return directory / _tensor_entry(_read_config(directory), directory / CONFIG_FILE)["file"]
+
+
+def _tensor_entry(config: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    entry = config.get("tensors", {"file": ADAPTERS_FILE})
+    name = entry.get("file") if isinstance(entry, Mapping) else None
+    if not isinstance(name, str) or not TENSOR_FILE.fullmatch(name):
+        raise ValueError(f"{path}: 'tensors.file' must name an adapters*.safetensors file in the same folder, "
+                         f"got {name!r}; the folder is damaged: save the adapters again")
+    return dict(entry)
+
+
 def _read_config(directory: Path) -> dict[str, Any]:
-    for name in (CONFIG_FILE, ADAPTERS_FILE):
-        if not (directory / name).is_file():
-            raise ValueError(f"{directory} holds no adaptopt adapters ({name} missing): write them with "
-                             "adaptopt.save_adapters(model, directory)")
-    config = json.loads((directory / CONFIG_FILE).read_text())
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{directory} holds no adaptopt adapters ({CONFIG_FILE} missing): write them with "
+                         "adaptopt.save_adapters(model, directory)")
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): it is damaged or not an "
+                         "adaptopt adapter config; save the adapters again") from None
+    except json.JSONDecodeError as exc:
+        what = "empty" if not path.read_bytes().strip() else f"not valid JSON ({exc.msg}, line {exc.lineno})"
+        raise ValueError(f"{path} is {what}: it is damaged or not an adaptopt adapter config; save the adapters "
+                         "again") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("layers"), dict):
-        raise ValueError(f"{directory / CONFIG_FILE} is not an adaptopt adapter config (format "
+        raise ValueError(f"{path} is not an adaptopt adapter config (format "
                          f"{config.get('format') if isinstance(config, dict) else None!r}, expected {FORMAT!r})")
+    missing = sorted({f"{name}.{key}" for name, record in config["layers"].items() for key in RECORD_KEYS
+                      if not isinstance(record, Mapping) or key not in record})
+    if missing:
+        raise ValueError(f"{path}: layer records lack {missing[:8]}: the file is damaged or was not written by "
+                         "adaptopt.save_adapters; save the adapters again")
     return config
+
+
+def _verified_tensor_file(directory: Path, config: Mapping[str, Any]) -> Path:
+    entry = _tensor_entry(config, directory / CONFIG_FILE)
+    path = directory / entry["file"]
+    if not path.is_file():
+        raise ValueError(f"{directory} holds no adaptopt adapters ({entry['file']} missing, named by "
+                         f"{CONFIG_FILE}): write them with adaptopt.save_adapters(model, directory)")
+    if "sha256" in entry and _sha256(path) != entry["sha256"]:
+        raise ValueError(f"{path} does not match the checksum in {CONFIG_FILE}: the file is damaged; "
+                         "save the adapters again")
+    return path
 
 
 def _file_layout(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{key: (shape, dtype name)}`` from the safetensors header, without reading the data."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     layout = {}
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            s = f.get_slice(key)
-            layout[key] = (tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                s = f.get_slice(key)
+                layout[key] = (tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}): it is damaged; save the adapters "
+                         "again") from None
     return layout
 
 
@@ -221,11 +294,14 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> dict[str, L
     Raises ``ValueError`` listing every mismatch (missing layers, shapes, dtypes, unknown
     names) before anything changes; if building a layer fails midway, the model is put back.
     """
-    from safetensors import safe_open
+    from safetensors.torch import load_file
     directory = Path(directory)
-    config = _read_config(directory)
-    layout = _file_layout(directory / ADAPTERS_FILE)
-    bases = _plan_load(model, config, layout)
+    with folder_lock(directory, missing_ok=True):  # a save in progress commits before or after this read
+        config = _read_config(directory)
+        path = _verified_tensor_file(directory, config)
+        layout = _file_layout(path)
+        bases = _plan_load(model, config, layout)
+        values = load_file(str(path))
     params = dict(model.named_parameters())
     swap = ModuleSwap(model)
     snapshots: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -233,14 +309,14 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> dict[str, L
         built = {}
         for name, record in config["layers"].items():
             module = _build_layer(name, bases[name], record)
-            swap.put(name, module)
+            swap.put(name, module, follow_training=True)
             built[name] = module
         params.update(dict(model.named_parameters()))
-        with safe_open(str(directory / ADAPTERS_FILE), framework="pt") as f, torch.no_grad():
+        with torch.no_grad():
             for key in layout:
                 target = params[key]
                 snapshots.append((target, target.detach().clone()))
-                target.copy_(f.get_tensor(key).to(target.device))
+                target.copy_(values[key].to(target.device))
         mark_changed(*(params[key] for key in layout))  # they differ from the base: a later save keeps them
         for name, record in config["layers"].items():
             if record["merged"]:

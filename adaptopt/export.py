@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from .changed_params import is_changed
-from .files import save_tensors, write_json
+from .files import remove_stale_temporaries, replace_directory, save_tensors, temporary_name, write_json
 from .inject import require_adapters
 from .lora import LoRALinear
 from .modes import Mode
@@ -57,14 +58,27 @@ def export_merged(model: nn.Module, directory: str | os.PathLike) -> Path:
     ``AutoModel*.from_pretrained(directory)`` loads them without adaptopt; other modules get
     ``model.safetensors``, a state dict for the original architecture. 4-bit layers are
     exported dequantized (``deq(Q) + ΔW`` in their compute dtype). The model is not changed.
+
+    The export is written into a fresh sibling folder and swapped in at the end
+    (:func:`~adaptopt.files.replace_directory`), so a crash leaves the previous export whole.
     """
     state = merged_state_dict(model)
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save_pretrained") and hasattr(model, "config"):
-        model.save_pretrained(str(out), state_dict=state)
-    else:
-        save_tensors(out / "model.safetensors", state, metadata={"format": "pt"})
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cannot export to {out}: it is a file; pass a directory path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out.parent, prefix=out.name)
+    staging = temporary_name(out)
+    staging.mkdir()
+    try:
+        if hasattr(model, "save_pretrained") and hasattr(model, "config"):
+            model.save_pretrained(str(staging), state_dict=state)
+        else:
+            save_tensors(staging / "model.safetensors", state, metadata={"format": "pt"})
+        replace_directory(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
 
 

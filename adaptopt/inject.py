@@ -42,6 +42,7 @@ ARCHITECTURE_TARGETS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("distilbert",), ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2")),
 }
 OUTPUT_HEADS = ("lm_head", "classifier", "score")
+DEFAULT_RANK, DEFAULT_ALPHA = 8, 16.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,22 @@ def _is_head(name: str) -> bool:
 def find_adapters(model: nn.Module) -> dict[str, LoRALinear]:
     """The adapter modules already in ``model``, by module name, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def warn_if_rewrapped(existing: Mapping[str, LoRALinear], rank: int | None, alpha: float | None) -> None:
+    """The model already has adapters, which are used as they are: say so when the caller asked
+    for a rank or alpha they do not have (nothing is re-injected)."""
+    import warnings
+    ranks = sorted({m.rank for m in existing.values()})
+    alphas = sorted({m.alpha for m in existing.values()})
+    asked = [(label, value, have) for label, value, have in (("rank", rank, ranks), ("alpha", alpha, alphas))
+             if value is not None and have != [value]]
+    if asked:
+        detail = "; ".join(f"{label}={value!r} requested, the adapters have {label} {have}"
+                           for label, value, have in asked)
+        warnings.warn(f"the model already has {len(existing)} adapter layers, which are used as they are: {detail}. "
+                      "Inject into a fresh model to change them, or call set_mode(..., rank=) on a layer",
+                      stacklevel=3)
 
 
 def require_adapters(model: nn.Module, action: str) -> dict[str, LoRALinear]:
@@ -123,6 +140,10 @@ def select_targets(model: nn.Module, targets: Targets = "auto") -> list[str]:
             wanted = list(targets)
             if not wanted or not all(isinstance(t, (str, re.Pattern)) for t in wanted):
                 raise ValueError(f"targets must be 'auto', a regex or a non-empty list of names, got {targets!r}")
+            unmatched = [t for t in wanted if not any(matcher(t)(name) for name, _ in candidates)]
+            if unmatched and len(unmatched) < len(wanted):
+                raise ValueError(f"targets {unmatched} match no module of {type(model).__name__} (the others do): "
+                                 "check the spelling against model.named_modules(), or drop them")
             matches = matcher(wanted)
         else:
             raise ValueError(f"targets must be 'auto', a regex or a list of names, got {targets!r}")
@@ -138,7 +159,26 @@ def select_targets(model: nn.Module, targets: Targets = "auto") -> list[str]:
     if not chosen:
         raise ValueError(f"no target layers matched targets={targets!r} in {type(model).__name__}: pass "
                          "targets=[...] with names from model.named_modules(), or a regex")
+    _refuse_tied(model, chosen)
     return chosen
+
+
+def _refuse_tied(model: nn.Module, chosen: list[str]) -> None:
+    """A target whose weight is shared with another module (a tied ``lm_head`` and input
+    embedding) cannot be adapted: folding an update into it would move the other module too."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    modules = dict(model.named_modules())
+    for name in chosen:
+        weight = modules[name].weight
+        others = [n for n in owners.get(id(weight), []) if not n.startswith(name + ".")]
+        if others:
+            raise ValueError(
+                f"target {name!r} shares its weight with {others[0]!r} (tied weights, e.g. "
+                "tie_word_embeddings=True): a LoRA merge or a FULL move would change both. Leave "
+                f"{name!r} out of targets, or untie it first (model.config.tie_word_embeddings = False; "
+                f"{name}.weight = nn.Parameter({name}.weight.detach().clone()))")
 
 
 def inject_adapters(model: nn.Module, targets: Targets = "auto", rank: int = 8, alpha: float = 16.0, *,
@@ -154,6 +194,16 @@ def inject_adapters(model: nn.Module, targets: Targets = "auto", rank: int = 8, 
     type, and ``ImportError`` when bitsandbytes is needed but missing; on any error the
     model is left exactly as it was.
     """
+    return inject_with_undo(model, targets, rank, alpha, dropout=dropout, rslora=rslora, mode=mode,
+                            quantize=quantize)[0]
+
+
+def inject_with_undo(model: nn.Module, targets: Targets = "auto", rank: int = 8, alpha: float = 16.0, *,
+                     dropout: float = 0.0, rslora: bool = False, mode: Mode | str = Mode.LORA,
+                     quantize: QuantConfig | str | Mapping[str, Any] | None = None
+                     ) -> tuple[dict[str, LoRALinear], ModuleSwap]:
+    """:func:`inject_adapters`, also returning the :class:`~adaptopt.layout.ModuleSwap` whose
+    ``undo()`` takes the adapters back out (the optimizer's constructor rolls back with it)."""
     check_rank_alpha(rank, alpha)
     mode = Mode.coerce(mode)
     existing = find_adapters(model)
@@ -183,4 +233,4 @@ def inject_adapters(model: nn.Module, targets: Targets = "auto", rank: int = 8, 
     except BaseException:
         swap.undo()
         raise
-    return wrapped
+    return wrapped, swap

@@ -13,6 +13,17 @@ backward pass (the size of a full weight gradient), and autograd through frozen 
 (their inputs are made to require grad so ``δ`` exists everywhere). Disarmed: no hooks.
 Forward passes in eval mode or under ``torch.no_grad()`` (evaluation between training
 steps) are not counted.
+
+A step's sums count once the optimizer commits them after a successful update
+(:meth:`StatsCollector.commit`); a step skipped for non-finite gradients (by the optimizer, or
+by a ``GradScaler`` that never called it) is rolled back, so it leaves no trace in the next
+decision. Sums that turned non-finite are never committed.
+
+The gradient score is the RMS over micro-batches of ``‖δ_bᵀx_b‖_F`` (each backward pass), not
+the norm of the step's summed gradient: summing ``δ_bᵀx_b`` over micro-batches before the norm
+would need a weight-sized buffer per layer (a full fine-tune's gradient memory) for layers
+that do not train fully. So a step split into more micro-batches scores somewhat differently
+(docs/design.md §6); under DDP every rank's micro-batches count alike.
 """
 from __future__ import annotations
 
@@ -31,6 +42,9 @@ def _inputs_require_grad(module: nn.Module, args: tuple) -> tuple | None:
             and not any(p.requires_grad for p in module.parameters())):  # a trainable layer's output has δ anyway
         return (x.detach().requires_grad_(True), *args[1:])
     return None
+
+
+SUM_SLOTS = (0, 1, 3)  # act_sq, act_abs, grad_sq: the floating sums of LayerStats.__slots__
 
 
 class LayerStats:
@@ -53,6 +67,7 @@ class StatsCollector:
         self.modules = dict(modules)
         self.stats = {name: LayerStats() for name in self.modules}
         self._handles: list[RemovableHandle] = []
+        self._committed = self._values()  # the sums as of the last commit: discard() returns to them
 
     @property
     def armed(self) -> bool:
@@ -74,6 +89,29 @@ class StatsCollector:
         """Zero the sums in place (armed hooks hold the same objects, so they keep counting)."""
         for stats in self.stats.values():
             stats.__init__()
+        self._committed = self._values()
+
+    def _values(self) -> dict[str, tuple]:
+        return {name: tuple(getattr(s, key) for key in LayerStats.__slots__) for name, s in self.stats.items()}
+
+    def commit(self) -> bool:
+        """Keep what was added since the last commit (after a successful update), unless it is
+        not finite: then roll it back. Returns whether the step's sums were kept."""
+        current = self._values()
+        changed = [v for name, v in current.items() if any(a is not b for a, b in zip(v, self._committed[name]))]
+        if changed:
+            sums = [torch.as_tensor(v[i], dtype=torch.float32).reshape(()).cpu() for v in changed for i in SUM_SLOTS]
+            if not bool(torch.isfinite(torch.stack(sums)).all()):
+                self.discard()
+                return False
+        self._committed = current
+        return True
+
+    def discard(self) -> None:
+        """Return the sums to the last commit (a skipped step leaves no trace)."""
+        for name, values in self._committed.items():
+            for key, value in zip(LayerStats.__slots__, values):
+                setattr(self.stats[name], key, value)
 
     def state_dict(self) -> dict[str, dict[str, float | int]]:
         """The running sums (plain numbers), so a resumed run scores the same window."""
@@ -86,6 +124,7 @@ class StatsCollector:
             if name in self.stats:
                 for key, value in values.items():
                     setattr(self.stats[name], key, value)
+        self._committed = self._values()
 
     def _forward_hook(self, name: str):
         stats = self.stats[name]

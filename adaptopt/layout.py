@@ -180,24 +180,63 @@ def build_layer(base: nn.Module, layout: Layout, name: str | None = None) -> "Lo
 
 class ModuleSwap:
     """Replace submodules of ``model`` by name; :meth:`undo` puts every original back and
-    restores every parameter's ``requires_grad`` as it was when the swap began."""
+    restores every parameter's ``requires_grad`` and changed-mark as they were when the swap
+    began. With ``follow_training=True`` a module put in takes the training flag of the module
+    it joins (a model loaded in eval mode gets loaded adapters in eval mode: no adapter dropout
+    at inference)."""
 
     def __init__(self, model: nn.Module) -> None:
+        from .changed_params import capture_marks
         from .transitions import capture_requires_grad
         self.model = model
         self.flags = capture_requires_grad(model)
+        self.marks = capture_marks(model)
         self._modules = dict(model.named_modules())
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
 
-    def put(self, name: str, module: nn.Module) -> None:
+    def put(self, name: str, module: nn.Module, follow_training: bool = False) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = self._modules[parent_name] if parent_name else self.model
         self._replaced.append((parent, child, getattr(parent, child)))
+        if follow_training:
+            module.train(parent.training)
         setattr(parent, child, module)
 
     def undo(self) -> None:
+        from .changed_params import restore_marks
         from .transitions import restore_requires_grad
         for parent, child, original in reversed(self._replaced):
             setattr(parent, child, original)
         self._replaced.clear()
         restore_requires_grad(self.flags)
+        restore_marks(self.marks)
+
+
+class RestorePoint:
+    """Everything an operation on ``model``'s existing adapter ``layers`` may change — their
+    layouts and tensors, every parameter's ``requires_grad`` and changed-mark — so that
+    :meth:`undo` can put it back when the operation fails midway."""
+
+    def __init__(self, model: nn.Module, layers: Mapping[str, "LoRALinear"]) -> None:
+        from .changed_params import capture_marks
+        from .transitions import capture_requires_grad, layer_tensors
+        self.flags = capture_requires_grad(model)
+        self.marks = capture_marks(model)
+        self.layers = dict(layers)
+        self.saved = {name: (m.layout(), {t: m.get_parameter(t).detach().clone() for t in layer_tensors(m)})
+                      for name, m in self.layers.items()}
+
+    def undo(self) -> None:
+        from .changed_params import restore_marks
+        from .transitions import restore_requires_grad
+        with torch.no_grad():
+            for name, (layout, tensors) in self.saved.items():
+                module = self.layers[name]
+                module.unmerge()
+                module.adopt_layout(layout)
+                for tensor, value in tensors.items():
+                    module.get_parameter(tensor).copy_(value)
+                if layout.merged:
+                    module.mark_merged_from_load()
+        restore_requires_grad(self.flags)
+        restore_marks(self.marks)

@@ -94,8 +94,8 @@ class LoRALinear(nn.Module):
                  rslora: bool = False, *, mode: Mode | str = Mode.LORA) -> None:
         super().__init__()
         check_rank_alpha(rank, alpha)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1) (a number, not a string), got {dropout!r}")
         mode = Mode.coerce(mode)
         if is_quantized_linear(base) and type(self) is LoRALinear:
             raise TypeError("base is a bitsandbytes 4-bit layer: wrap it with adaptopt.QuantLoRALinear")

@@ -17,6 +17,7 @@ promoted later. A layer's LR scale multiplies its groups' scheduled lr during th
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping
 
@@ -24,8 +25,9 @@ import torch
 from torch import nn
 
 from .distributed import active_group, all_reduce_stats, broadcast_decisions
-from .inject import Targets, find_adapters, inject_adapters
+from .inject import DEFAULT_ALPHA, DEFAULT_RANK, Targets, find_adapters, inject_with_undo, warn_if_rewrapped
 from .layer_stats import StatsCollector
+from .layout import RestorePoint
 from .lora import LoRALinear
 from .modes import Mode
 from .optimizer_state import STATE_FORMAT, plain_config, validate_state_dict
@@ -75,30 +77,53 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-4, policy: Policy | str | Mapping[str, Any] = "lora", *,
-                 lora_lr: float | None = None, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 lora_lr: float | None = None, rank: int | None = None, alpha: float | None = None,
+                 dropout: float = 0.0,
                  rslora: bool = False, targets: Targets = "auto", quantize: Any = None, train_other: bool = False,
                  trainable: Iterable[str] = TASK_HEADS, frozen: Iterable[str] = (),
                  steps_per_epoch: int | None = None, nonfinite: str = "skip", process_group: Any = None,
                  **adamw_kwargs: Any) -> None:
-        lora_lr = lr * LORA_LR_MULTIPLE if lora_lr is None else lora_lr
         for label, value in (("lr", lr), ("lora_lr", lora_lr)):
+            if value is None and label == "lora_lr":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{label} must be a finite number ≥ 0, got {value!r}")
+                raise ValueError(f"{label} must be a finite number ≥ 0 (a float, not a string), got {value!r}")
+        lora_lr = lr * LORA_LR_MULTIPLE if lora_lr is None else lora_lr
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-        if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0):
+        if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int)
+                                            or steps_per_epoch <= 0):
             raise ValueError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
         adamw_kwargs.setdefault("foreach", True)
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr, **adamw_kwargs)  # validates betas, eps, ...
         self.policy = build_policy(policy)
-
         self.model = model
-        self.layers: dict[str, LoRALinear] = find_adapters(model) or inject_adapters(
-            model, targets, rank, alpha, dropout=dropout, rslora=rslora,
-            quantize=quantize if quantize is not None else self.policy.quantize)
-        self.lr, self.lora_lr = float(lr), float(lora_lr)
-        self.rules = TrainRules(bool(train_other), tuple(trainable) + tuple(self.policy.trainable_extra()),
-                                tuple(frozen))
+        existing = find_adapters(model)
+        restore, swap = RestorePoint(model, existing), None
+        try:
+            if existing:
+                warn_if_rewrapped(existing, rank, alpha)
+                self.layers: dict[str, LoRALinear] = existing
+            else:
+                self.layers, swap = inject_with_undo(
+                    model, targets, DEFAULT_RANK if rank is None else rank, DEFAULT_ALPHA if alpha is None else alpha,
+                    dropout=dropout, rslora=rslora, quantize=quantize if quantize is not None else self.policy.quantize)
+            self._build(float(lr), float(lora_lr), TrainRules(bool(train_other), tuple(trainable)
+                        + tuple(self.policy.trainable_extra()), tuple(frozen)), steps_per_epoch, nonfinite,
+                        process_group, adamw_kwargs)
+        except BaseException:
+            if swap is not None:
+                swap.undo()  # a failed constructor leaves the model exactly as it was
+            restore.undo()
+            raise
+        if not self.trainable_parameter_count():
+            warnings.warn(f"AdaptiveOptimizer: policy {self.policy.method!r} trains no parameter of this "
+                          f"{type(model).__name__} (no target layer trains and no other parameter is admitted); "
+                          "pass trainable=[...] or train_other=True, or choose another policy", stacklevel=2)
+
+    def _build(self, lr: float, lora_lr: float, rules: TrainRules, steps_per_epoch: int | None, nonfinite: str,
+               process_group: Any, adamw_kwargs: dict[str, Any]) -> None:
+        self.lr, self.lora_lr, self.rules = lr, lora_lr, rules
         self.steps_per_epoch = steps_per_epoch
         self.nonfinite = nonfinite
         self.step_count = 0
@@ -177,6 +202,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                 raise FloatingPointError(f"non-finite gradients in {bad[:8]}: lower the LR, clip gradients or "
                                          "use a GradScaler; nothing was updated")
             self.skipped_steps += 1
+            self.collector.discard()  # the skipped step's statistics leave no trace
             return loss
         scaled = []
         for group, (_, layer) in zip(self.param_groups, self._roles):
@@ -189,11 +215,18 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         finally:
             for group, lr in scaled:
                 group["lr"] = lr
+        self.collector.commit()
         self.step_count += 1
         if self.policy.is_decision_step(self.step_count, self.steps_per_epoch):
             self.decide()
         self._arm_for(self.step_count + 1)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients; statistics of a step that never reached :meth:`step` (a
+        ``GradScaler`` skipped it) are dropped with them."""
+        self.collector.discard()
+        self.inner.zero_grad(set_to_none=set_to_none)
 
     def decide(self) -> dict[str, LayerDecision]:
         """Ask the policy now (normally called by :meth:`step` at its decision points)."""
@@ -316,6 +349,11 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         ``ValueError`` naming them, and changes nothing.
         """
         layouts = validate_state_dict(self, state_dict)
+        saved_policy = state_dict.get("policy")
+        if saved_policy is not None and saved_policy != plain_config(self.policy.config()):
+            warnings.warn(f"this checkpoint was written with policy {saved_policy}, this optimizer runs "
+                          f"{plain_config(self.policy.config())}: its modes and state load, and this policy decides "
+                          "from here on", stacklevel=2)
         for name, layout in layouts.items():
             self.layers[name].adopt_layout(layout)
             self.lr_scales[name] = float(state_dict["layers"][name]["lr_scale"])

@@ -56,7 +56,7 @@ INSTALL_HINTS = {"transformers": "pip install 'adaptopt[hf]'", "accelerate": "pi
 
 def _fail(message: str, output_dir: str | None) -> int:
     print(f"adaptopt: error: {message}", file=sys.stderr)
-    if output_dir:
+    if output_dir and not (Path(output_dir).exists() and not Path(output_dir).is_dir()):
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "error.log").write_text(message + "\n")
@@ -72,6 +72,9 @@ def _config(path: str | None, text: str | None, output_dir: str | None) -> dict[
     config = normalise(raw, source)
     if output_dir:
         config["output_dir"] = output_dir
+    out = Path(config["output_dir"])
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{source}: output_dir: {out} exists and is a file; choose a directory path")
     return config
 
 

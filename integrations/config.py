@@ -108,6 +108,8 @@ def normalise(raw: Mapping[str, Any], source: str = "<config>") -> dict:
         raise ConfigError(f"{source}: data: give a registry name (rotten_tomatoes, bbc_news, chitchat) or "
                           "{path: FILE_OR_DIR, text_column: ..., label_column: ...}")
     training = {**DEFAULT_TRAINING, **_check_keys(config.get("training"), TRAINING_KEYS, source, "training")}
+    _check_values(training, TRAINING_RULES, source, "training")
+    _check_values(data, DATA_RULES, source, "data")
     compare = _check_keys(config.get("compare"), COMPARE_KEYS, source, "compare")
     fine_tuning = method_config(config.get("fine_tuning") or {"method": "lora"}, source, "fine_tuning")
     methods = [method_config(m, source, f"compare.methods[{i}]", base=fine_tuning)
@@ -118,6 +120,59 @@ def normalise(raw: Mapping[str, Any], source: str = "<config>") -> dict:
     return {"name": config.get("name") or Path(source).stem, "model": model, "data": data, "training": training,
             "fine_tuning": fine_tuning, "methods": methods, "seeds": seeds,
             "output_dir": str(config.get("output_dir") or f"runs/{Path(source).stem}"), "source": source}
+
+
+# key → (kind, lower bound, upper bound, bounds inclusive?): what each number may be. Numbers
+# written as strings (PyYAML reads `1e-3` as a string) are converted, anything else refused.
+TRAINING_RULES = {"epochs": ("number", 0, None, False), "batch_size": ("int", 1, None, True),
+                  "eval_batch_size": ("int", 1, None, True), "max_length": ("int", 1, None, True),
+                  "gradient_accumulation_steps": ("int", 1, None, True), "logging_steps": ("int", 1, None, True),
+                  "max_steps": ("steps", None, None, True), "lr": ("number", 0, None, False),
+                  "lora_lr": ("number?", 0, None, False), "warmup_ratio": ("number", 0, 1, True),
+                  "weight_decay": ("number", 0, None, True), "max_grad_norm": ("number", 0, None, True),
+                  "seed": ("int", None, None, True), "train_other": ("bool", None, None, True)}
+METHOD_RULES = {"lr": ("number?", 0, None, False), "lora_lr": ("number?", 0, None, False)}
+DATA_RULES = {"eval_fraction": ("number", 0, 1, False), "max_train": ("int?", 1, None, True),
+              "max_eval": ("int?", 1, None, True), "split_seed": ("int", None, None, True)}
+
+
+def _describe(kind: str, low: Any, high: Any, inclusive: bool) -> str:
+    what = {"int": "an integer", "int?": "an integer or null", "number": "a number", "number?": "a number or null",
+            "bool": "true or false", "steps": "-1 (no limit) or a positive integer"}[kind]
+    if low is not None and high is not None:
+        return f"{what} in {'[' if inclusive else '('}{low}, {high}{']' if inclusive else ')'}"
+    if low is not None:
+        return f"{what} {'≥' if inclusive else '>'} {low}"
+    return what
+
+
+def _check_values(section: dict, rules: Mapping[str, tuple], source: str, key: str) -> None:
+    """Check (and convert numeric strings in) ``section``'s values against ``rules``."""
+    for name, (kind, low, high, inclusive) in rules.items():
+        if name not in section:
+            continue
+        value = section[name]
+        if kind.endswith("?") and value is None:
+            continue
+        if kind == "bool":
+            ok = isinstance(value, bool)
+        else:
+            if isinstance(value, str):
+                try:
+                    value = float(value) if kind.startswith("number") else int(value)
+                except ValueError:
+                    pass
+            integer = kind in ("int", "int?", "steps")
+            ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+            if ok and kind == "steps":
+                ok = value == -1 or value > 0
+            elif ok:
+                ok = (low is None or (value >= low if inclusive else value > low)) and \
+                     (high is None or (value <= high if inclusive else value < high))
+        if not ok:
+            raise ConfigError(f"{source}: {key}.{name}: expected {_describe(kind, low, high, inclusive)}, "
+                              f"got {section[name]!r}")
+        section[name] = value
 
 
 def method_config(value: Any, source: str, key: str, base: Mapping[str, Any] | None = None) -> dict:
@@ -143,6 +198,7 @@ def method_config(value: Any, source: str, key: str, base: Mapping[str, Any] | N
     if method not in ("lora", "quantization", "spectrum") and merged.get(method) is not None:
         if not isinstance(merged[method], Mapping):
             raise ConfigError(f"{source}: {key}.{method}: expected a mapping of the policy's arguments")
+    _check_values(merged, METHOD_RULES, source, key)
     merged.setdefault("label", _default_label(merged))
     return merged
 

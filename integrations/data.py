@@ -132,6 +132,16 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         if isinstance(loaded, datasets.DatasetDict):
             loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
         return [dict(r) for r in loaded]
+    try:
+        return _read_file(path)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"data.path: {path} is not UTF-8 text (byte {err.start}: {err.reason}); re-save it as "
+                          "UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+    except (csv.Error, json.JSONDecodeError) as err:
+        raise ConfigError(f"data.path: {path} cannot be parsed ({err})") from None
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
@@ -147,6 +157,18 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     raise ConfigError(f"data.path: {path}: expected a .csv, .json / .jsonl file or a saved datasets directory")
 
 
+def _column(rows: list[Mapping[str, Any]], column: str, key: str, path: Path) -> list[str]:
+    """Every row's ``column`` as text; a row without it, or with it empty, is an error naming the row."""
+    values = []
+    for i, row in enumerate(rows):
+        value = row.get(column)
+        if value is None or str(value).strip() == "":
+            line = f"row {i + 1}" + (" (line " + str(i + 2) + " of the CSV)" if path.suffix.lower() == ".csv" else "")
+            raise ConfigError(f"{key}: {path}: {line} has no {column!r} value; fill it in or drop the row")
+        values.append(str(value))
+    return values
+
+
 def from_path(cfg: Mapping[str, Any]) -> TextData:
     path = Path(cfg["path"])
     if not path.exists():
@@ -158,7 +180,9 @@ def from_path(cfg: Mapping[str, Any]) -> TextData:
     columns = sorted(rows[0])
     if text_col not in rows[0]:
         raise ConfigError(f"data.text_column: column {text_col!r} is not in {path} (columns: {columns})")
-    texts = [str(r[text_col]) for r in rows]
+    texts = ["" if r.get(text_col) is None else str(r[text_col]) for r in rows]
+    if not any(t.strip() for t in texts):
+        raise ConfigError(f"data.text_column: every {text_col!r} value in {path} is empty: nothing to train on")
     task = cfg.get("task") or ("classification" if cfg.get("label_column", "label") in rows[0] or
                                cfg.get("label_column") else "causal_lm")
     if task == "causal_lm":
@@ -171,7 +195,7 @@ def from_path(cfg: Mapping[str, Any]) -> TextData:
     if group_col is not None and group_col not in rows[0]:
         raise ConfigError(f"data.group_column: column {group_col!r} is not in {path} (columns: {columns})")
     groups = [r[group_col] for r in rows] if group_col else list(range(len(rows)))
-    return _classification(texts, [str(r[label_col]) for r in rows], groups, cfg, str(path))
+    return _classification(texts, _column(rows, label_col, "data.label_column", path), groups, cfg, str(path))
 
 
 def load_data(cfg: Mapping[str, Any]) -> TextData:

@@ -72,9 +72,19 @@ def model_directory(cfg: Mapping[str, Any]) -> Path:
 def load_model(cfg: Mapping[str, Any], task: str, num_labels: int = 2) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for ``task`` ("classification", "causal_lm" or "base")."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    directory = model_directory(cfg)
+    try:
+        return _load(directory, task, num_labels)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        key = "model.path" if cfg.get("path") else "model"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{key}: {directory} cannot be loaded as a {task} model ({first}); a model directory "
+                          "holds config.json, the weights (model.safetensors) and the tokenizer files") from None
+
+
+def _load(directory: Path, task: str, num_labels: int) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
-    directory = model_directory(cfg)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

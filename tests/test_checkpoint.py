@@ -18,7 +18,7 @@ from adaptopt import (
     load_adapters,
     save_adapters,
 )
-from adaptopt.checkpoint import ADAPTERS_FILE, CONFIG_FILE
+from adaptopt.checkpoint import CONFIG_FILE, adapters_file
 from tests.tiny_models import VOCAB, token_batch, transformers
 
 BUILDERS = {
@@ -84,7 +84,7 @@ def test_save_then_load_into_a_fresh_base_model_gives_identical_logits(kind, tmp
     for name, module in opt.layers.items():
         assert (layers[name].mode, layers[name].rank, layers[name].alpha) == (module.mode, module.rank, module.alpha)
     # only what changed was written: block 1's untouched LoRA layers keep their base weight out
-    with safe_open(str(tmp_path / ADAPTERS_FILE), "pt") as f:
+    with safe_open(str(adapters_file(tmp_path)), "pt") as f:
         keys = set(f.keys())
     block1 = [n for n in opt.layers if ".1." in n]
     assert f"{block1[0]}.base.weight" in keys  # folded on LORA → FROZEN

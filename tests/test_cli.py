@@ -7,6 +7,8 @@ import random
 
 import pytest
 
+from adaptopt.checkpoint import adapters_file
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("yaml")
 from adaptopt.integrations.cli import main  # noqa: E402
@@ -69,7 +71,8 @@ def test_train_evaluates_saves_and_plots(tiny, tmp_path):
     assert decisions["history"] and \
         {"step", "layer", "scores", "mode", "rank", "lr_scale"} <= set(decisions["history"][0])
     assert len(decisions["timeline"]) == result["steps"] + 1
-    for name in ("heatmap.png", "modes.png", "ranks.png", "adapters/adapters.safetensors", "merged/config.json"):
+    assert adapters_file(out / "adapters").is_file()
+    for name in ("heatmap.png", "modes.png", "ranks.png", "merged/config.json"):
         assert (out / name).is_file(), name
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(out / "merged")
     assert merged.config.num_labels == 2

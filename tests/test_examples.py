@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from adaptopt.checkpoint import adapters_file
+
 pytest.importorskip("transformers")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))  # the examples import their shared synthetic_task module
@@ -32,7 +34,7 @@ def test_hf_trainer_example_trains_decides_and_saves(tmp_path):
     result = load("hf_trainer").main(str(tmp_path), epochs=3)
     assert result["steps_per_epoch"] == 32 and result["transitions"] >= 1
     assert result["accuracy"] > 0.6
-    assert (tmp_path / "adapters" / "adapters.safetensors").is_file()
+    assert adapters_file(tmp_path / "adapters").is_file()
     assert (tmp_path / "merged" / "config.json").is_file()
 
 

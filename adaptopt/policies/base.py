@@ -37,8 +37,12 @@ class LayerDecision:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode.coerce(self.mode))
-        if self.lr_scale is not None and not self.lr_scale >= 0:
-            raise ValueError(f"lr_scale must be ≥ 0, got {self.lr_scale!r}")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0):
+            raise ValueError(f"LayerDecision rank must be a positive int or None (keep the layer's rank), "
+                             f"got {self.rank!r}")
+        if self.lr_scale is not None and (isinstance(self.lr_scale, bool) or not isinstance(self.lr_scale, (int, float))
+                                          or not math.isfinite(self.lr_scale) or self.lr_scale < 0):
+            raise ValueError(f"lr_scale must be a finite number ≥ 0, got {self.lr_scale!r}")
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,15 @@ class Uniform(Policy):
 
 @register_policy
 class Full(Uniform):
-    """Full fine-tuning of every target layer (and, through blocks, their norms and biases)."""
+    """Full fine-tuning: every target layer FULL, and every other parameter of the model
+    trains too (embeddings, norms, heads), as ``AdamW(model.parameters())`` would train it.
+    The optimizer's ``frozen=`` patterns still exclude parameters."""
 
     method = "full"
     mode = Mode.FULL
+
+    def trainable_extra(self) -> tuple[str, ...]:
+        return (".*",)
 
 
 @register_policy
