@@ -33,6 +33,18 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .gradient_probes import StepGradients
+
+
+class _Disarm:
+    """A handle whose ``remove()`` disarms the step-gradient hooks with the rest."""
+
+    def __init__(self, step_gradients: StepGradients) -> None:
+        self.step_gradients = step_gradients
+
+    def remove(self) -> None:
+        self.step_gradients.disarm()
+
 
 def _inputs_require_grad(module: nn.Module, args: tuple) -> tuple | None:
     """Forward pre-hook: a frozen layer below every trainable one gets an input that requires
@@ -44,6 +56,7 @@ def _inputs_require_grad(module: nn.Module, args: tuple) -> tuple | None:
     return None
 
 
+GRADIENT_SCORES = ("exact", "cheap", "probed", None)
 SUM_SLOTS = (0, 1, 3)  # act_sq, act_abs, grad_sq: the floating sums of LayerStats.__slots__
 
 
@@ -61,11 +74,25 @@ class LayerStats:
 
 
 class StatsCollector:
-    """Arms forward/backward hooks on ``modules``; :meth:`scores` turns the sums into scores."""
+    """Arms forward/backward hooks on ``modules``; :meth:`scores` turns the sums into scores.
 
-    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+    ``gradient="exact"`` computes ``‖δᵀx‖_F`` per micro-batch (one weight-gradient-sized GEMM
+    per layer); ``"cheap"`` estimates the step's ``‖G‖_F`` from what backward computes anyway
+    (:mod:`adaptopt.gradient_probes`), fed by :meth:`observe_step`; ``"probed"`` adds random
+    probes to LoRA layers' estimates; ``None`` collects no gradient score.
+    ``activations=False`` skips the input statistics.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], gradient: str | None = "exact",
+                 activations: bool = True, frozen_layers: bool = True) -> None:
+        if gradient not in GRADIENT_SCORES:
+            raise ValueError(f"gradient score must be one of {GRADIENT_SCORES}, got {gradient!r}")
         self.modules = dict(modules)
+        self.gradient, self.activations, self.frozen_layers = gradient, activations, frozen_layers
         self.stats = {name: LayerStats() for name in self.modules}
+        self.window_seed = 0
+        self.step_gradients = (StepGradients(self.modules, probe_lora=gradient == "probed")
+                               if gradient in ("cheap", "probed") else None)
         self._handles: list[RemovableHandle] = []
         self._committed = self._values()  # the sums as of the last commit: discard() returns to them
 
@@ -77,18 +104,39 @@ class StatsCollector:
         if self.armed:
             return
         for name, module in self.modules.items():
-            self._handles.append(module.register_forward_pre_hook(_inputs_require_grad))
-            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+            if not self.frozen_layers and module.mode.value == "frozen":
+                continue  # unhooked: a frozen prefix then needs no backward pass at all
+            if self.gradient is not None:
+                self._handles.append(module.register_forward_pre_hook(_inputs_require_grad))
+            if self.activations or self.gradient == "exact":
+                self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        if self.step_gradients is not None:
+            self.step_gradients.arm(self.window_seed, {name: s.batches for name, s in self.stats.items()},
+                                    skip_frozen=not self.frozen_layers)
+            self._handles.append(_Disarm(self.step_gradients))
 
     def disarm(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
-    def reset(self) -> None:
-        """Zero the sums in place (armed hooks hold the same objects, so they keep counting)."""
+    def observe_step(self) -> None:
+        """Cheap mode: add this optimizer step's gradient estimates (call after backward, once
+        per step, before the update changes the factors)."""
+        if self.step_gradients is None or not self.armed:
+            return
+        for name, sq in self.step_gradients.take().items():
+            stats = self.stats[name]
+            stats.grad_sq = stats.grad_sq + sq
+            stats.batches += 1
+
+    def reset(self, window_seed: int | None = None) -> None:
+        """Zero the sums in place (armed hooks hold the same objects, so they keep counting);
+        ``window_seed`` seeds the next window's probes."""
         for stats in self.stats.values():
             stats.__init__()
+        if window_seed is not None:
+            self.window_seed = int(window_seed)
         self._committed = self._values()
 
     def _values(self) -> dict[str, tuple]:
@@ -109,6 +157,8 @@ class StatsCollector:
 
     def discard(self) -> None:
         """Return the sums to the last commit (a skipped step leaves no trace)."""
+        if self.step_gradients is not None:
+            self.step_gradients.discard()
         for name, values in self._committed.items():
             for key, value in zip(LayerStats.__slots__, values):
                 setattr(self.stats[name], key, value)
@@ -134,10 +184,11 @@ class StatsCollector:
                 return
             x = args[0].detach()
             flat = x.reshape(-1, x.shape[-1]).float()
-            stats.act_sq = stats.act_sq + flat.square().sum()
-            stats.act_abs = stats.act_abs + flat.abs().sum()
-            stats.count += flat.numel()
-            if output.requires_grad:
+            if self.activations:
+                stats.act_sq = stats.act_sq + flat.square().sum()
+                stats.act_abs = stats.act_abs + flat.abs().sum()
+                stats.count += flat.numel()
+            if self.gradient == "exact" and output.requires_grad:
                 def on_grad(grad: torch.Tensor, flat=flat) -> None:
                     delta = grad.detach().reshape(-1, grad.shape[-1]).float()
                     stats.grad_sq = stats.grad_sq + (delta.T @ flat).square().sum()
@@ -155,10 +206,12 @@ class StatsCollector:
         values = torch.stack([t.to(device) for t in sums]).tolist()  # one host sync for all layers
         k = len(names)
         grad, act, act_abs = values[:k], values[k:2 * k], values[2 * k:]
-        result = {}
-        for i, name in enumerate(names):
-            s = self.stats[name]
-            result[name] = {"grad_norm": (grad[i] / max(s.batches, 1)) ** 0.5,
-                            "act_rms": (act[i] / max(s.count, 1)) ** 0.5,
-                            "act_mean_abs": act_abs[i] / max(s.count, 1)}
+        result: dict[str, dict[str, float]] = {}
+        for i, name in enumerate(names):  # only what was observed: an unseen layer keeps its old scores
+            s, entry = self.stats[name], {}
+            if s.batches:
+                entry["grad_norm"] = (grad[i] / s.batches) ** 0.5
+            if s.count:
+                entry.update(act_rms=(act[i] / s.count) ** 0.5, act_mean_abs=act_abs[i] / s.count)
+            result[name] = entry
         return result

@@ -30,7 +30,7 @@ from .layer_stats import StatsCollector
 from .layout import RestorePoint
 from .lora import LoRALinear
 from .modes import Mode
-from .optimizer_state import STATE_FORMAT, plain_config, validate_state_dict
+from .optimizer_state import optimizer_state, restore_optimizer_state
 from .policies import LayerDecision, LayerView, Policy, build_policy
 from .scores import FAMILY_KEYS, weight_scores
 from .summary import layer_table
@@ -149,7 +149,9 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self.state = self.inner.state
         self.defaults = self.inner.defaults  # betas etc., which OneCycleLR looks for
 
-        self.collector = StatsCollector(self.layers)
+        wanted = self.policy.statistics()
+        self.collector = StatsCollector(self.layers, gradient=wanted.gradient, activations=wanted.activations,
+                                        frozen_layers=wanted.frozen_layers)
         self._refresh_weight_scores(0)
         self._apply(self._agreed(self.policy.initial(self.views(), self.scores)), reason="initial")
         self._arm_for(1)
@@ -204,6 +206,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             self.collector.discard()  # the skipped step's statistics leave no trace
             return loss
+        self.collector.observe_step()  # cheap scores read this step's gradients before the update
         scaled = []
         for group, (_, layer) in zip(self.param_groups, self._roles):
             scale = self.lr_scales[layer] if layer is not None else 1.0
@@ -233,13 +236,15 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         group = active_group(self.process_group)
         if group is not None:
             all_reduce_stats(self.collector, group)
-        collected = self.collector.scores() if any(s.count for s in self.collector.stats.values()) else {}
+        collected = (self.collector.scores() if any(s.count or s.batches for s in self.collector.stats.values())
+                     else {})
         for name, values in collected.items():
             self.scores[name].update(values)
         self._refresh_weight_scores(self.step_count)
         decisions = self.policy.decide(self.views(), self.scores, self.step_count, self.steps_per_epoch)
         self._apply(self._agreed(decisions), reason="decision")
-        self.collector.reset()
+        self.collector.reset(window_seed=self.step_count)
+        self.collector.disarm()  # re-armed for the layers' new modes before the next scored step
         return decisions
 
     def _agreed(self, decisions: Mapping[str, LayerDecision]) -> Mapping[str, LayerDecision]:
@@ -321,58 +326,18 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """Modes, ranks, LR scales, scores, history, group hyper-parameters and Adam state,
-        keyed by parameter *name* (plain types and tensors only: loads with weights_only)."""
-        names = {p: n for n, p in self.model.named_parameters()}
-        return {
-            "format": STATE_FORMAT,
-            "step": self.step_count,
-            "skipped_steps": self.skipped_steps,
-            "layers": {name: {**m.layout().to_record(), "lr_scale": self.lr_scales[name],
-                              "quantized": m.layout().quant is not None}
-                       for name, m in self.layers.items()},
-            "scores": {k: dict(v) for k, v in self.scores.items()},
-            "history": [dict(h) for h in self.history],
-            "score_log": [dict(e) for e in self.score_log],
-            "collector": self.collector.state_dict(),
-            "groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-            "roles": [list(r) for r in self._roles],
-            "state": {names[p]: dict(s) for p, s in self.inner.state.items()},
-            "policy": plain_config(self.policy.config()),
-        }
+        keyed by parameter *name* (plain types and tensors only: loads with weights_only;
+        :func:`adaptopt.optimizer_state.optimizer_state`)."""
+        return optimizer_state(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
         """Rebuild every layer's mode and rank, then restore the Adam state by parameter name.
 
         Call it on a fresh model + fresh optimizer *before* loading the model's weights (the
-        modules must have the right shape first). A checkpoint from a different model, with
-        missing or extra layers or parameters, or with mismatched shapes raises
-        ``ValueError`` naming them, and changes nothing.
+        modules must have the right shape first). The whole dict is validated first: a
+        checkpoint from a different model, with missing or extra layers or parameters,
+        mismatched shapes or malformed values raises one ``ValueError`` naming them, and
+        changes nothing (:func:`adaptopt.optimizer_state.restore_optimizer_state`).
         """
-        layouts = validate_state_dict(self, state_dict)
-        saved_policy = state_dict.get("policy")
-        if saved_policy is not None and saved_policy != plain_config(self.policy.config()):
-            warnings.warn(f"this checkpoint was written with policy {saved_policy}, this optimizer runs "
-                          f"{plain_config(self.policy.config())}: its modes and state load, and this policy decides "
-                          "from here on", stacklevel=2)
-        for name, layout in layouts.items():
-            self.layers[name].adopt_layout(layout)
-            self.lr_scales[name] = float(state_dict["layers"][name]["lr_scale"])
-        changed = self._reconcile()
-        params = dict(self.model.named_parameters())
-        self.inner.state.clear()
-        for pname, values in state_dict["state"].items():
-            p = params[pname]
-            self.inner.state[p] = {k: (v.to(device=p.device, dtype=p.dtype if k != "step" else v.dtype).clone()
-                                       if torch.is_tensor(v) else v) for k, v in values.items()}
-        for group, saved in zip(self.param_groups, state_dict["groups"]):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-        self.step_count = int(state_dict["step"])
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
-        self.scores = {name: dict(state_dict["scores"].get(name, {})) for name in self.layers}
-        self.history = [dict(h) for h in state_dict["history"]]
-        self.score_log = [dict(e) for e in state_dict.get("score_log", [])]
-        self.collector.load_state_dict(state_dict.get("collector", {}))
-        self.check_consistency()
-        self._arm_for(self.step_count + 1)
-        if changed:
+        if restore_optimizer_state(self, state_dict):
             self._run_transition_hooks()

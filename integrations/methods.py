@@ -58,7 +58,7 @@ def policy_for(method_cfg: Mapping[str, Any], rank: int, where: str) -> Any:
             return {"method": "fixed", "assignment": {rf"\w+(\.\w+)*\.{i}\..*": "full" for i in layers},
                     "default": "frozen"}
         return {"method": "spectrum", **section}
-    if method == "automode":
+    if method in ("automode", "hybrid"):
         own.setdefault("rank", rank)
     return {"method": method, **own}
 
@@ -80,7 +80,8 @@ def optimizer_kwargs(method_cfg: Mapping[str, Any], training: Mapping[str, Any],
         "rank": rank, "alpha": float(lora.get("alpha", 2 * rank)), "dropout": float(lora.get("dropout", 0.0)),
         "rslora": bool(lora.get("rslora", False)), "weight_decay": float(training.get("weight_decay", 0.0)),
         # full fine-tuning means every parameter, embeddings included (as in the published Full-FT baselines)
-        "train_other": bool(training.get("train_other", False)) or method_cfg["method"] == "full",
+        "train_other": bool(method_cfg.get("train_other", training.get("train_other", False)))
+        or method_cfg["method"] == "full",
         "trainable": tuple(trainable),
         "policy": policy_for(method_cfg, rank, where),
     }

@@ -206,3 +206,41 @@ def plot_compare(summary: Sequence[Mapping[str, Any]], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_pareto(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """The metric against training time and against peak memory, one point per method with 95%
+    intervals over seeds as error bars, and the straight line from LoRA to Full: a method pays
+    where it sits above that line (below, for perplexity) beyond its interval."""
+    from .paired import by_seed, interval, line_gap, pays, reference
+    plt = _pyplot()
+    metric = next(k for k in ("accuracy", "perplexity", "loss") if k in rows[0])
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lora, full = reference(methods, "lora"), reference(methods, "full")
+    values = by_seed(rows, metric)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, cost, label in ((axes[0], "wall_time_s", "training time (s)"), (axes[1], "peak_rss_mb", "peak RSS (MB)")):
+        costs = by_seed(rows, cost)
+        gaps = line_gap(rows, metric, cost, lora, full) if lora and full else {}
+        for m in methods:
+            y, x = interval(list(values[m].values())), interval(list(costs[m].values()))
+            yerr = 0 if y["n"] < 2 else y["hi"] - y["mean"]
+            xerr = 0 if x["n"] < 2 else x["hi"] - x["mean"]
+            paying = m in gaps and m not in (lora, full) and pays(gaps[m], metric)
+            ax.errorbar(x["mean"], y["mean"], xerr=xerr, yerr=yerr, fmt="o", capsize=3,
+                        color="tab:green" if paying else "tab:red" if m in (lora, full) else "tab:blue")
+            ax.annotate(m + (" (pays)" if paying else ""), (x["mean"], y["mean"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=7)
+        if lora and full:
+            xs = [statistics.fmean(costs[m].values()) for m in (lora, full)]
+            ys = [statistics.fmean(values[m].values()) for m in (lora, full)]
+            ax.plot(xs, ys, "--", color="grey", linewidth=1, label="LoRA–Full line")
+            ax.legend(fontsize=7)
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric)
+    fig.suptitle(f"{metric} against cost (mean over {max(len(v) for v in values.values())} paired seeds, "
+                 "95% intervals)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

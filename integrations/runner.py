@@ -41,12 +41,13 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def build(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: int, data: TextData | None = None):
+def build(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: int, data: TextData | None = None,
+          split: str = "test"):
     """``(data, model, tokenizer, optimizer)``, or a ConfigError naming what cannot run."""
     import transformers
 
     from adaptopt import AdaptiveOptimizer
-    data = data or load_data(config["data"])
+    data = data or load_data(config["data"], split)
     transformers.set_seed(seed)
     model, tokenizer = load_model(config["model"], data.task, max(data.num_labels, 2))
     where = f"{config['source']}: fine_tuning ({method_cfg['label']})"
@@ -131,9 +132,41 @@ class Timeline:
                            "ranks": [m.rank for m in self.opt.layers.values()]})
 
 
+def _digest(*parts: Any) -> str:
+    """A short fingerprint of tensors, lists and strings (to check that runs were paired)."""
+    import hashlib
+
+    import torch
+    h = hashlib.sha1()
+    for part in parts:
+        if torch.is_tensor(part):
+            h.update(part.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()[:12]
+
+
+class RecordingCollator:
+    """The data collator, fingerprinting the first ``first`` training batches it builds (the
+    data order every method of a seed must share)."""
+
+    def __init__(self, collate: Any, first: int = 4) -> None:
+        self.collate, self.first, self.batches = collate, first, []
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        batch = self.collate(features)
+        if len(self.batches) < self.first:
+            self.batches.append(_digest(batch["input_ids"]))
+        return batch
+
+
 def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: int, run_dir: Path, *,
-              progress: bool = True, save: bool = True, built: tuple | None = None) -> dict[str, Any]:
-    """Train, evaluate, and write this run's files into ``run_dir``; returns the result row."""
+              progress: bool = True, save: bool = True, built: tuple | None = None,
+              split: str = "test") -> dict[str, Any]:
+    """Train, evaluate, and write this run's files into ``run_dir``; returns the result row.
+
+    ``split="validation"`` trains on the training side minus a validation part and evaluates
+    on that part (the test side is never read); the row records which."""
     import torch
     from transformers import Trainer, TrainingArguments
 
@@ -141,7 +174,9 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
 
     from .hf import AdaptoptCallback
     from .report import plot_run
-    data, model, tokenizer, opt = built or build(config, method_cfg, seed)
+    data, model, tokenizer, opt = built or build(config, method_cfg, seed, split=split)
+    head = [p for n, p in model.named_parameters() if n.split(".")[0] in ("classifier", "score")]
+    head_digest = _digest(*head) if head else ""
     training = config["training"]
     run_dir.mkdir(parents=True, exist_ok=True)
     train_rows = tokenized(data, tokenizer, training["max_length"], "train")
@@ -155,7 +190,8 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
         save_strategy="no", eval_strategy="no", report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not progress, dataloader_num_workers=0)
     timeline = Timeline(opt)
-    trainer = Trainer(model=model, args=args, train_dataset=train_rows, data_collator=collator(data, tokenizer),
+    recording = RecordingCollator(collator(data, tokenizer))
+    trainer = Trainer(model=model, args=args, train_dataset=train_rows, data_collator=recording,
                       optimizers=(opt, None), callbacks=[AdaptoptCallback(), timeline.callback])
     start = time.perf_counter()
     trainer.train()
@@ -166,6 +202,8 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
               "trainable_start": counts[0], "trainable_mean": sum(counts) / len(counts), "trainable_end": counts[-1],
               "total_params": sum(p.numel() for p in model.parameters()), "peak_rss_mb": peak_rss_mb(),
               "steps": opt.step_count, "train_examples": len(train_rows), "eval_examples": len(eval_rows),
+              "split": split, "lr": opt.lr, "lora_lr": opt.lora_lr, "data_order": _digest(recording.batches),
+              "eval_set": _digest(data.eval_texts, data.eval_labels), "initial_head": head_digest,
               "run_dir": str(run_dir)}
     decisions = {"layers": list(opt.layers), "history": opt.history, "score_log": opt.score_log,
                  "timeline": timeline.steps, "policy": opt.policy.config()}
@@ -179,12 +217,15 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
     return result
 
 
-def _child(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: int, run_dir: str) -> dict[str, Any]:
-    return train_run(config, method_cfg, seed, Path(run_dir), save=False)
+def _child(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: int, run_dir: str,
+           split: str) -> dict[str, Any]:
+    return train_run(config, method_cfg, seed, Path(run_dir), save=False, split=split)
 
 
-def compare_runs(config: Mapping[str, Any], out: Path) -> list[dict[str, Any]]:
-    """Every (method, seed) of the config, each in a fresh process; returns the result rows."""
+def compare_runs(config: Mapping[str, Any], out: Path, split: str = "test",
+                 fresh_process: bool = True) -> list[dict[str, Any]]:
+    """Every (method, seed) of the config, each in a fresh process (so each run's peak memory is
+    its own; ``fresh_process=False`` runs them here, for tests); returns the result rows."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     rows = []
@@ -192,8 +233,11 @@ def compare_runs(config: Mapping[str, Any], out: Path) -> list[dict[str, Any]]:
     for i, (method_cfg, seed) in enumerate(grid, 1):
         run_dir = out / "runs" / f"{_slug(method_cfg['label'])}-seed{seed}"
         print(f"[{i}/{len(grid)}] {method_cfg['label']}, seed {seed} → {run_dir}", flush=True)
+        if not fresh_process:
+            rows.append(_child(config, method_cfg, seed, str(run_dir), split))
+            continue
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rows.append(pool.submit(_child, dict(config), dict(method_cfg), seed, str(run_dir)).result())
+            rows.append(pool.submit(_child, dict(config), dict(method_cfg), seed, str(run_dir), split).result())
     return rows
 
 

@@ -97,6 +97,23 @@ def assert_same_snapshot(before: dict, after: dict) -> None:
         torch.testing.assert_close(after["tensors"][key], value, rtol=0, atol=0, equal_nan=True, msg=key)
 
 
+def _run_in_own_group(command, env, timeout):
+    """``subprocess.run`` whose whole process group (the launcher and its workers) is killed on a
+    time-out, so a hung worker does not outlive the test."""
+    import os
+    import signal
+    import subprocess
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
 def torchrun(script, *args: str, processes: int = 2, timeout: float = 180.0):
     """Run ``script`` under ``torchrun --standalone`` on CPU; returns the finished process.
 
@@ -112,7 +129,7 @@ def torchrun(script, *args: str, processes: int = 2, timeout: float = 180.0):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(2):
         try:
-            run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+            run = _run_in_own_group(command, env, timeout)
         except subprocess.TimeoutExpired:
             if attempt:
                 raise

@@ -6,10 +6,12 @@ from typing import Mapping
 from ..modes import Mode
 from ..scores.gradient import GRANULARITIES, unit_importance, units
 from .base import (
+    SCORES,
     LayerDecision,
     LayerView,
     Policy,
     Scores,
+    Statistics,
     check_percent,
     check_positive_int,
     evenly_spaced,
@@ -18,6 +20,8 @@ from .base import (
     register_policy,
     require_epochs,
 )
+
+FREEZE_ORDERS = ("prefix", "importance")
 
 
 @register_policy
@@ -35,6 +39,19 @@ class AutoMode(Policy):
         score_steps: the statistics hooks are armed on the last ``score_steps`` steps before
             each decision (``None``: on every step); their importance is aggregated over them
             (:mod:`adaptopt.scores.gradient`, which also lists the extra cost of a scored step).
+        score: ``"cheap"`` (default: each layer's gradient norm estimated from what backward
+            computes anyway, :mod:`adaptopt.gradient_probes`), ``"probed"`` (LoRA layers also
+            random-probed: closer to exact while adapters are fresh, ~9% more per scored step)
+            or ``"exact"`` (``‖δᵀx‖_F``, one weight-gradient-sized GEMM per layer per scored step).
+        freeze_from: progressive freezing (the source's "dynamic pruning"): from this decision on
+            (1 = the first), ``freeze_step`` % more of the units are frozen at every decision, up
+            to ``freeze_max`` %, for good: a frozen unit is never scored or unfrozen again.
+            ``None`` (default): no progressive freezing.
+        freeze_step, freeze_max: percent of units frozen per decision, and at most (< 100: at
+            least one unit always trains).
+        freeze_order: which units freeze: ``"prefix"`` (default: the lowest blocks in model
+            order, so the frozen units form a prefix of the network and backward stops there)
+            or ``"importance"`` (the least important units, wherever they are).
 
     AutoMode's README says "t=10 means the top 10 % most active layers are fully
     fine-tuned"; its notebook code does the opposite (``score >= percentile(scores, t)``
@@ -44,7 +61,9 @@ class AutoMode(Policy):
     method = "automode"
 
     def __init__(self, u: int = 6, t: float = 10.0, bottom: float = 0.0, rank: int | None = None,
-                 granularity: str = "block", score_steps: int | None = 8) -> None:
+                 granularity: str = "block", score_steps: int | None = 8, score: str = "cheap",
+                 freeze_from: int | None = None, freeze_step: float = 20.0, freeze_max: float = 50.0,
+                 freeze_order: str = "prefix") -> None:
         self.u = check_positive_int("u", u)
         self.t = check_percent("t", t)
         self.bottom = check_percent("bottom", bottom)
@@ -55,9 +74,26 @@ class AutoMode(Policy):
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         self.granularity = granularity
         self.score_steps = check_positive_int("score_steps", score_steps, allow_none=True)
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        self.score = score
+        self.freeze_from = check_positive_int("freeze_from", freeze_from, allow_none=True)
+        self.freeze_step = check_percent("freeze_step", freeze_step)
+        self.freeze_max = check_percent("freeze_max", freeze_max)
+        if self.freeze_max >= 100:
+            raise ValueError(f"freeze_max must be < 100 (a schedule must never freeze every unit), got {freeze_max}")
+        if freeze_order not in FREEZE_ORDERS:
+            raise ValueError(f"freeze_order must be one of {FREEZE_ORDERS}, got {freeze_order!r}")
+        self.freeze_order = freeze_order
+        if self.freeze_from is not None and self.bottom > 0:
+            raise ValueError("bottom (frozen for one interval, rescored) and freeze_from (frozen for good, never "
+                             "scored) do not combine: use one of them")
 
     def needs_epochs(self) -> bool:
         return True
+
+    def statistics(self) -> Statistics:
+        return Statistics(self.score, activations=False, frozen_layers=not self.freezes())
 
     def initial(self, layers: Mapping[str, LayerView], scores: Scores) -> dict[str, LayerDecision]:
         return {name: LayerDecision(Mode.LORA, self.rank) for name in layers}
@@ -85,9 +121,38 @@ class AutoMode(Policy):
         modes.update(dict.fromkeys(ranked[len(ranked) - n_frozen:], Mode.FROZEN))
         return modes
 
+    def freezes(self) -> bool:
+        return self.freeze_from is not None
+
+    def decision_number(self, step: int, steps_per_epoch: int | None) -> int:
+        """Which decision (1-based, counted over all epochs) completed step ``step`` is."""
+        spe = require_epochs(self, steps_per_epoch)
+        positions = sorted(evenly_spaced(spe, self.u))
+        position = position_in_epoch(step, spe)
+        return (step - 1) // spe * len(positions) + sum(p <= position for p in positions)
+
+    def frozen_count(self, decision: int, n: int) -> int:
+        """How many of ``n`` units are frozen for good after decision number ``decision``
+        (1-based): ``freeze_step`` % more per decision from ``freeze_from`` on, at most
+        ``freeze_max`` % and never all."""
+        if self.freeze_from is None or decision < self.freeze_from:
+            return 0
+        percent = min(self.freeze_max, self.freeze_step * (decision - self.freeze_from + 1))
+        return min(percent_count(percent, n), n - 1)
+
     def decide(self, layers: Mapping[str, LayerView], scores: Scores, step: int,
                steps_per_epoch: int | None) -> dict[str, LayerDecision]:
         groups = units(layers.values(), self.granularity)
-        modes = self.assign(unit_importance(groups, scores))
+        retired = [u for u, names in groups.items() if self.freezes() and all(
+            layers[n].mode is Mode.FROZEN for n in names)]
+        active = {u: names for u, names in groups.items() if u not in retired}
+        importance = unit_importance(active, scores)
+        extra = max(0, self.frozen_count(self.decision_number(step, steps_per_epoch), len(groups)) - len(retired))
+        if extra:
+            order = (list(active) if self.freeze_order == "prefix"
+                     else sorted(active, key=lambda u: (importance[u], list(active).index(u))))
+            retired += order[:extra]
+            importance = {u: v for u, v in importance.items() if u not in retired}
+        modes = {**self.assign(importance), **dict.fromkeys(retired, Mode.FROZEN)}
         return {name: LayerDecision(modes[unit], self.rank if modes[unit] is Mode.LORA else None)
                 for unit, names in groups.items() for name in names}

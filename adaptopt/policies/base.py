@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, NamedTuple
 
 from ..modes import Mode
 from ..names import matcher as name_matcher  # noqa: F401  (re-exported: policies match names with it)
@@ -64,6 +64,25 @@ class LayerView:
 Scores = Mapping[str, Mapping[str, float]]
 
 
+SCORES = ("cheap", "probed", "exact")  # gradient scores a policy may ask for (see Statistics)
+
+
+class Statistics(NamedTuple):
+    """What the statistics hooks collect for a policy (:class:`adaptopt.layer_stats.StatsCollector`).
+
+    - ``gradient``: ``"exact"`` (``‖δᵀx‖_F``), ``"cheap"`` (estimated from the step's own
+      gradients, :mod:`adaptopt.gradient_probes`), ``"probed"`` (cheap, LoRA layers also
+      probed) or ``None``;
+    - ``activations``: sum the layers' input statistics (``act_rms``, ``act_mean_abs``);
+    - ``frozen_layers``: score FROZEN layers too. ``False`` leaves them unhooked, so a frozen
+      prefix of the network gets no backward pass at all.
+    """
+
+    gradient: str | None = "exact"
+    activations: bool = True
+    frozen_layers: bool = True
+
+
 class Policy:
     """Base class with the defaults of a static policy: one initial assignment, no decisions,
     no statistics. Subclasses override what they need.
@@ -86,6 +105,10 @@ class Policy:
 
     def wants_stats(self, step: int, steps_per_epoch: int | None) -> bool:
         return False
+
+    def statistics(self) -> "Statistics":
+        """What the armed hooks collect (:class:`Statistics`)."""
+        return Statistics()
 
     def is_decision_step(self, step: int, steps_per_epoch: int | None) -> bool:
         return False

@@ -98,6 +98,9 @@ class LayerwiseLR(Policy):
     def wants_stats(self, step: int, steps_per_epoch: int | None) -> bool:
         return self.base.wants_stats(step, steps_per_epoch)
 
+    def statistics(self):  # noqa: ANN201  (the base policy's Statistics)
+        return self.base.statistics()
+
     def is_decision_step(self, step: int, steps_per_epoch: int | None) -> bool:
         return (self.base.is_decision_step(step, steps_per_epoch)
                 or step % require_epochs(self, steps_per_epoch) == 0)

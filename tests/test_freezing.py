@@ -1,0 +1,118 @@
+"""Progressive freezing (AutoMode's freeze schedule) and calibrate-then-fix (Hybrid): they
+decide what they say, never freeze every unit, and a frozen prefix gets no backward pass."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptopt import AdaptiveOptimizer, AutoMode, Hybrid, Mode
+from adaptopt.policies.base import LayerView
+from tests.tiny_models import tiny_bert, token_batch
+
+LABELS = torch.tensor([0, 1])
+
+
+def views(blocks: int, modes=None) -> dict[str, LayerView]:
+    out = {}
+    for b in range(blocks):
+        for t in ("q", "v"):
+            name = f"enc.layer.{b}.{t}"
+            out[name] = LayerView(name, f"enc.layer.{b}", b, t, (modes or {}).get(b, Mode.LORA), 4, 1.0, 8, 8, False)
+    return out
+
+
+@pytest.mark.parametrize("step, percent, cap, expected", [
+    (20, 50, 99, [0, 0, 3, 6, 6, 6]),       # from decision 3: 50 % of 6 units, then 100 % capped to 5
+    (10, 20, 50, [0, 0, 2, 3, 3, 3]),       # ⌈6·p/100⌉ units: 20 % of 6 is 2
+])
+def test_the_freeze_schedule_freezes_what_it_says_and_never_everything(step, percent, cap, expected):
+    policy = AutoMode(freeze_from=3, freeze_step=percent, freeze_max=cap)
+    counts = [policy.frozen_count(d, 6) for d in range(1, 7)]
+    assert counts == [min(c, 5) for c in expected]
+    assert all(c < 6 for c in counts)
+
+
+def test_progressive_freezing_retires_a_growing_prefix_and_keeps_it():
+    policy = AutoMode(u=2, t=20, freeze_from=1, freeze_step=20, freeze_max=60, freeze_order="prefix")
+    spe, modes = 10, {}
+    importance = {0: 5.0, 1: 4.0, 2: 1.0, 3: 3.0, 4: 2.0}
+    for decision, step in enumerate((5, 10, 15, 20), start=1):
+        layer_views = views(5, modes)
+        scores = {n: {"grad_norm": importance[v.block_index]} for n, v in layer_views.items()
+                  if v.mode is not Mode.FROZEN}  # frozen units are never scored again
+        decided = policy.decide(layer_views, scores, step, spe)
+        modes = {v.block_index: decided[n].mode for n, v in layer_views.items()}
+        frozen = sorted(b for b, m in modes.items() if m is Mode.FROZEN)
+        assert frozen == list(range(min(decision, 3)))  # 20 % per decision, capped at 60 %: a prefix
+        full = [b for b, m in modes.items() if m is Mode.FULL]
+        assert len(full) == 1 and full[0] == max((b for b in importance if b not in frozen), key=importance.get)
+
+
+def test_importance_order_freezes_the_least_important():
+    policy = AutoMode(u=1, t=20, freeze_from=1, freeze_step=40, freeze_order="importance")
+    decided = policy.decide(views(5), {n: {"grad_norm": [5, 4, 1, 3, 2][int(n.split(".")[2])]}
+                                       for n in views(5)}, 10, 10)
+    assert sorted({int(n.split(".")[2]) for n, d in decided.items() if d.mode is Mode.FROZEN}) == [2, 4]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"freeze_from": 1, "freeze_max": 100}, "freeze_max must be < 100"),
+    ({"freeze_from": 0}, "freeze_from must be a positive int"),
+    ({"freeze_from": 1, "bottom": 10}, "do not combine"),
+    ({"freeze_order": "random"}, "freeze_order must be one of"),
+])
+def test_bad_freeze_schedules_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AutoMode(**kwargs)
+    with pytest.raises(ValueError, match="freeze_prefix must be < 100"):
+        Hybrid(freeze_prefix=100)
+
+
+def backward_calls(model, opt, steps: int) -> dict[int, int]:
+    """How many times autograd ran through each encoder block, counted by full backward hooks."""
+    calls = {i: 0 for i in range(len(model.bert.encoder.layer))}
+    handles = [block.register_full_backward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, block in enumerate(model.bert.encoder.layer)]
+    model.train()
+    for s in range(steps):
+        model(input_ids=token_batch(seed=s), labels=LABELS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for h in handles:
+        h.remove()
+    return calls
+
+
+def test_a_frozen_prefix_gets_no_backward_pass():
+    torch.manual_seed(0)
+    model = tiny_bert(layers=4, dropout=0.0)
+    opt = AdaptiveOptimizer(model, lr=1e-3, policy=Hybrid(t=25, calibration_steps=2, freeze_prefix=50), rank=2)
+    before = backward_calls(model, opt, 2)  # calibration: all LoRA, every block backpropagated
+    assert all(c == 2 for c in before.values())
+    modes = {int(n.split(".")[3]): m.mode for n, m in opt.layers.items()}
+    frozen = sorted(b for b, m in modes.items() if m is Mode.FROZEN)
+    assert frozen and frozen == list(range(len(frozen)))  # a prefix
+    after = backward_calls(model, opt, 3)
+    assert all(after[b] == 0 for b in frozen) and all(after[b] == 3 for b in modes if b not in frozen)
+
+
+def test_progressive_freezing_prunes_backward_through_automode_too():
+    torch.manual_seed(0)
+    model = tiny_bert(layers=4, dropout=0.0)
+    opt = AdaptiveOptimizer(model, lr=1e-3, rank=2, steps_per_epoch=4,
+                            policy=AutoMode(u=2, t=25, score_steps=2, freeze_from=1, freeze_step=25))
+    backward_calls(model, opt, 2)  # first decision: block 0 retired
+    assert all(m.mode is Mode.FROZEN for n, m in opt.layers.items() if ".layer.0." in n)
+    calls = backward_calls(model, opt, 4)  # scored steps included: the retired prefix is never hooked
+    assert calls[0] == 0 and all(calls[b] == 4 for b in (2, 3))
+
+
+def test_hybrid_decides_once_after_calibration():
+    policy = Hybrid(t=33, calibration_steps=5, freeze_prefix=34)
+    assert [policy.is_decision_step(s, None) for s in (4, 5, 6)] == [False, True, False]
+    assert [policy.wants_stats(s, None) for s in (5, 6)] == [True, False]
+    importance = [1.0, 5.0, 2.0, 4.0, 3.0, 0.5]
+    decided = policy.decide(views(6), {n: {"grad_norm": importance[int(n.split(".")[2])]} for n in views(6)}, 5, None)
+    modes = {int(n.split(".")[2]): d.mode for n, d in decided.items()}
+    assert [b for b, m in sorted(modes.items()) if m is Mode.FULL] == [1, 3]
+    assert [b for b, m in sorted(modes.items()) if m is Mode.FROZEN] == [0]  # block 1 is FULL: not frozen
