@@ -67,14 +67,14 @@ def svd_dense(delta: torch.Tensor) -> SVD:
     return SVD(u, s, vh)
 
 
-def svd_of_product(b: torch.Tensor, a: torch.Tensor, scaling: float) -> SVD:
+def svd_of_product(b: torch.Tensor, a: torch.Tensor, scaling: float, dtype: torch.dtype | None = None) -> SVD:
     """Thin SVD of ``s · B @ A`` without forming the ``out × in`` product.
 
     ``B = Q_b R_b`` and ``Aᵀ = Q_a R_a`` (reduced QR), so ``s·BA = Q_b (s·R_b R_aᵀ) Q_aᵀ``
     and only the small ``r × r`` core needs an SVD: ``O((out+in)·r²)`` instead of
-    ``O(out·in·min(out, in))``.
+    ``O(out·in·min(out, in))``. ``dtype`` (default :func:`compute_dtype`) is what it runs in.
     """
-    dtype = compute_dtype(b.dtype, a.dtype)
+    dtype = dtype or compute_dtype(b.dtype, a.dtype)
     qb, rb = torch.linalg.qr(b.to(dtype))
     qa, ra = torch.linalg.qr(a.to(dtype).T)
     u, s, vh = torch.linalg.svd(scaling * rb @ ra.T, full_matrices=False)

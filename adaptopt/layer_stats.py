@@ -6,7 +6,9 @@ While armed, each target layer accumulates (on device, no host sync):
   ``act_rms = √(Σx² / count)``, ``act_mean_abs = Σ|x| / count``;
 - ``grad_sq``: ``‖δᵀx‖²_F``, the squared Frobenius norm of the gradient the *full* weight
   would receive (``δ`` = gradient at the layer output), whatever the layer's mode. This
-  makes gradient scores comparable across FROZEN / LORA / FULL (docs/design.md §6).
+  makes gradient scores comparable across FROZEN / LORA / FULL (docs/design.md §6). With
+  ``gradient="cheap"`` / ``"probed"`` the same quantity is estimated per optimizer step from
+  what backward computes anyway (:mod:`adaptopt.gradient_probes`) and the GEMM below is not paid.
 
 Costs on an armed step: one extra ``(out × N) @ (N × in)`` matmul per layer in the
 backward pass (the size of a full weight gradient), and autograd through frozen layers

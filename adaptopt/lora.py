@@ -347,11 +347,13 @@ class LoRALinear(nn.Module):
             self._set_factors(*grow_factors(self.lora_A, self.lora_B, self.scaling, rank, new_scaling))
             return
         delta = self._adapter_delta()
-        svd = svd_of_product(self.lora_B.detach(), self.lora_A.detach(), self.scaling)
+        svd = svd_of_product(self.lora_B.detach(), self.lora_A.detach(), self.scaling, dtype=self._cut_dtype)
         a, b, _ = factors_from_svd(svd, rank, new_scaling, dtype=self.lora_A.dtype, device=self.lora_A.device)
         kept = (b.detach().to(delta.dtype) @ a.detach().to(delta.dtype)) * new_scaling
         self._absorb_remainder(delta - kept)
         self._set_factors(a, b)
+
+    _cut_dtype: torch.dtype | None = None  # the remainder is folded into W: compute_dtype suffices
 
     def _absorb_remainder(self, remainder: torch.Tensor) -> None:
         """A rank cut's discarded part ``s·BA − s'·B'A'`` is folded into W (so the cut is exact)."""

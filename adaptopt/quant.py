@@ -225,6 +225,8 @@ class QuantLoRALinear(LoRALinear):
         self._set_factors(None, None)
         self.delta = nn.Parameter(dense.to(dtype=self._weight_dtype(), device=self._weight_device()))
 
+    _cut_dtype = torch.float64  # the remainder is discarded: the kept part must be as exact as it can be
+
     def _absorb_remainder(self, remainder: torch.Tensor) -> None:
         """A rank cut's remainder is discarded (Q is never re-quantized): the error is the norm
         of the discarded singular values."""

@@ -232,11 +232,12 @@ def parser() -> argparse.ArgumentParser:
     tune.add_argument("--output-dir")
     tune.add_argument("--seeds", help="comma-separated seeds (overrides tune.seeds)")
     tune.set_defaults(run=cmd_tune)
-    demo = sub.add_parser("demo", help="the main job: MiniLM on Rotten Tomatoes, seven methods (~30 min on 2 cores)")
+    demo = sub.add_parser("demo", help="the main job: MiniLM on Rotten Tomatoes, five methods × "
+                          "three paired seeds (~23 min on 2 cores)")
     demo.add_argument("--output-dir")
     demo.add_argument("--quick", action="store_true",
                       help="a first look in a few minutes: Full, LoRA and the adaptive default, 2 seeds, 50 steps")
-    demo.add_argument("--seeds", help="comma-separated seeds (default 0,1)")
+    demo.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
     demo.set_defaults(run=cmd_demo)
     scan = sub.add_parser("scan", help="Spectrum SNR per layer and the selection top_percent makes")
     scan.add_argument("model", help="registry name (minilm, smollm2-135m) or a model directory")

@@ -107,14 +107,14 @@ def paired_table(rows: Sequence[Mapping[str, Any]], metric: str, lrs: Mapping[st
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lora, full = reference(methods, "lora"), reference(methods, "full")
     scale = 100.0 if metric in ("accuracy", "f1") else 1.0
-    unit = "pt" if scale == 100 else ""
+    unit = "pt, " if scale == 100 else ""
     diffs = {name: paired_differences(rows, metric, ref) for name, ref in (("lora", lora), ("full", full)) if ref}
     gaps = {cost: line_gap(rows, metric, cost, lora, full) for cost in ("wall_time_s", "peak_rss_mb")
             if lora and full}
     values, times, memory = by_seed(rows, metric), by_seed(rows, "wall_time_s"), by_seed(rows, "peak_rss_mb")
     header = ["method", f"{metric} (mean)", "seeds", "time (s)", "peak RSS (MB)"]
-    header += [f"Δ vs {n} ({unit}, 95% CI)" for n in diffs]
-    header += [f"above LoRA–Full line, {'time' if c == 'wall_time_s' else 'memory'} ({unit}, 95% CI)" for c in gaps]
+    header += [f"Δ vs {n} ({unit}95% CI)" for n in diffs]
+    header += [f"above LoRA–Full line, {'time' if c == 'wall_time_s' else 'memory'} ({unit}95% CI)" for c in gaps]
     if lrs:
         header.append("learning rates")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

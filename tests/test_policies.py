@@ -340,6 +340,7 @@ EXAMPLES = {
     "full": {}, "lora": {"rank": 4}, "qlora": {"rank": 4}, "frozen": {}, "bitfit": {}, "topk": {"k": 2},
     "fixed": {"assignment": {"query": "full"}, "default": "lora"},
     "automode": {"u": 6, "t": 10}, "spectrum": {"top_percent": 50, "mode": "compat"},
+    "hybrid": {"t": 33, "calibration_steps": 5, "freeze_prefix": 17},
     "alors": {"high": 20, "mid": 40, "r_high": 16, "r_low": 4},
     "rank_allocation": {"strategy": "attention_high", "budget": 16},
     "layerwise_lr": {"phases": ["svd", "cs"], "alpha": 0.5, "base": {"method": "automode", "t": 20}},

@@ -3,7 +3,7 @@
     .venv/bin/python tests/benchmarks/cheap_scores.py [--model minilm|tiny] [--repeats 7] [--windows 6]
 
 The model is in AutoMode's post-decision modes (one block FULL, five LoRA r=16; with
-``--frozen-block`` one block FROZEN too, so probes run). Printed:
+``--frozen-block`` the last block FROZEN too, so probes run). Printed:
 
 1. step time, interleaved medians in one process: a plain AdamW step over the same trainable
    set, an unscored AdaptiveOptimizer step, a step scored cheaply (``AutoMode(score="cheap")``,
@@ -97,12 +97,13 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=8, help="scored steps before each decision")
     parser.add_argument("--between", type=int, default=8, help="unscored training steps between windows")
     parser.add_argument("--interval", type=float, default=533 / 6, help="steps between AutoMode decisions")
-    parser.add_argument("--frozen-block", action="store_true", help="also freeze block 5 (probes run)")
+    parser.add_argument("--frozen-block", action="store_true", help="also freeze the last block (probes run)")
     parser.add_argument("--score", choices=("cheap", "probed"), default="cheap", help="the cheap score to measure")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = build(args.model)
-    assignment = {r"layer\.0\.": "full", **({r"layer\.5\.": "frozen"} if args.frozen_block else {})}
+    last = len(model.bert.encoder.layer) - 1
+    assignment = {r"layer\.0\.": "full", **({rf"layer\.{last}\.": "frozen"} if args.frozen_block else {})}
     opt = AdaptiveOptimizer(model, lr=1e-4, lora_lr=5e-4, rank=16, alpha=32,
                             policy=Fixed(assignment, default=("lora", 16)))
     model.train()
@@ -164,7 +165,7 @@ def main() -> None:
         top = max(blocks, key=eb.get)
         modes = {n: (Mode.FULL if n.startswith(top + ".") else Mode.LORA) for n in opt.layers}
         if args.frozen_block:
-            modes.update({n: Mode.FROZEN for n in opt.layers if ".layer.5." in n and not n.startswith(top + ".")})
+            modes.update({n: Mode.FROZEN for n in opt.layers if f".layer.{last}." in n and not n.startswith(top + ".")})
         opt.apply(modes)
         for tokens, labels in between:
             step(model, opt, tokens, labels)
