@@ -139,3 +139,16 @@ def torchrun(script, *args: str, processes: int = 2, timeout: float = 180.0):
             return run
         warnings.warn(f"torchrun {script} aborted in teardown; relaunching once", stacklevel=2)
     return run
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation of two equally long lists without ties (1 − 6Σd²/(n(n²−1)))."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        for i, j in enumerate(order):
+            r[j] = float(i)
+        return r
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))

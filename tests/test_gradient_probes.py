@@ -11,6 +11,7 @@ from torch import nn
 
 from adaptopt import AdaptiveOptimizer, Fixed, LoRALinear, Mode
 from adaptopt.layer_stats import StatsCollector
+from tests.helpers import spearman
 from tests.tiny_models import tiny_bert, token_batch
 
 LABELS = torch.tensor([0, 1, 1, 0])
@@ -82,18 +83,6 @@ def test_probe_and_lora_scores_do_not_depend_on_the_micro_batch_split(seed):
         whole = step_scores(model, layer, x, target, 1, gradient, seed=seed)
         split = step_scores(model, layer, x, target, 4, gradient, seed=seed)
         assert split == pytest.approx(whole, rel=1e-4)
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    def ranks(v):
-        order = sorted(range(len(v)), key=v.__getitem__)
-        r = [0.0] * len(v)
-        for i, j in enumerate(order):
-            r[j] = float(i)
-        return r
-    ra, rb = ranks(a), ranks(b)
-    n = len(a)
-    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
 
 
 def test_cheap_scores_rank_layers_like_the_exact_score_on_a_tiny_model():

@@ -35,6 +35,7 @@ from optimizer_overhead import build, plain_adamw  # noqa: E402
 from adaptopt import AdaptiveOptimizer, Fixed, Mode  # noqa: E402
 from adaptopt.layer_stats import StatsCollector  # noqa: E402
 from adaptopt.scores.gradient import unit_importance, units  # noqa: E402
+from tests.helpers import spearman  # noqa: E402
 
 
 def real_batches(model_name: str, count: int, batch: int, seq: int, vocab: int) -> list[tuple]:
@@ -73,17 +74,6 @@ def timed(model, opt, batches, collector=None) -> float:
         collector.disarm()
         collector.reset()
     return (time.perf_counter() - start) / len(batches)
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    def ranks(v):
-        order = sorted(range(len(v)), key=v.__getitem__)
-        r = [0.0] * len(v)
-        for i, j in enumerate(order):
-            r[j] = float(i)
-        return r
-    ra, rb, n = ranks(a), ranks(b), len(a)
-    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
 
 
 def main() -> None:
