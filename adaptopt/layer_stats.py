@@ -147,6 +147,8 @@ class StatsCollector:
     def commit(self) -> bool:
         """Keep what was added since the last commit (after a successful update), unless it is
         not finite: then roll it back. Returns whether the step's sums were kept."""
+        if not self.armed:
+            return True  # disarmed steps add nothing: skip the per-layer walk on the hot path
         current = self._values()
         changed = [v for name, v in current.items() if any(a is not b for a, b in zip(v, self._committed[name]))]
         if changed:
