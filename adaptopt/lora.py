@@ -30,6 +30,7 @@ from .fused import FusedLoRALinear, can_fuse
 from .layout import Layout, implied_by_state_dict
 from .modes import Mode
 from .quant_config import QuantConfig
+from .state_dict_names import holds_full_layer_state, read_plain_names, write_plain_names
 from .transitions import layer_tensors, sync_layer_requires_grad
 
 
@@ -112,6 +113,7 @@ class LoRALinear(nn.Module):
         self._mode = Mode.FROZEN
         sync_layer_requires_grad(self)
         self.set_mode(mode)
+        self.register_state_dict_post_hook(write_plain_names)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -243,8 +245,17 @@ class LoRALinear(nn.Module):
             w.copy_((w.to(compute_dtype(w.dtype, delta.dtype)) + self._to_base_layout(delta).to(w.device)).to(w.dtype))
 
     def merged_weight(self) -> torch.Tensor:
-        """``W + ΔW`` in the base layer's own layout and dtype (what a merged export holds)."""
-        return self._to_base_layout(self.effective_weight()).to(self.base.weight.dtype)
+        """``W + ΔW`` in the base layer's own layout and dtype (what a merged export holds), summed
+        in :func:`compute_dtype` and rounded once."""
+        with torch.no_grad():
+            weight = self.base.weight.detach()
+            if is_sharded(weight):
+                weight = weight.full_tensor()
+            delta = None if self.merged else self._learned_delta()
+            if delta is None:
+                return weight
+            total = weight.to(compute_dtype(weight.dtype, delta.dtype)) + self._to_base_layout(delta)
+            return total.to(weight.dtype)
 
     # ---------------------------------------------------------------- merge for inference
     def mark_merged_from_load(self) -> None:
@@ -391,21 +402,35 @@ class LoRALinear(nn.Module):
     def _adopt_delta(self, has_delta: bool) -> None:
         """Plain layers have no dense delta."""
 
-    # ---------------------------------------------------------------- loading state dicts
+    # ---------------------------------------------------------------- state dicts
+    _merge_lives_in_weight = True  # merge() adds s·BA to W itself (4-bit layers keep a dense copy instead)
+
+    def _state_dict_effective_weight(self) -> torch.Tensor | None:
+        """What ``state_dict()`` writes under the plain ``weight`` name when it is not the base
+        weight itself: ``W + s·BA`` for unmerged factors (:mod:`adaptopt.state_dict_names`)."""
+        if self.lora_A is None or self.merged:
+            return None
+        with torch.no_grad():
+            return self.merged_weight().contiguous()
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
-        """Take the structure a full state dict of this layer describes (factors of its rank, or
-        none; a 4-bit layer's dense delta), then load the values as usual.
+        """Read the plain names (:mod:`adaptopt.state_dict_names`), take the structure a full
+        state dict of this layer describes (factors of its rank, or none; a 4-bit layer's dense
+        delta), then load the values as usual.
 
         This is what lets ``model.load_state_dict`` (and the HF Trainer's resume) load a
         checkpoint saved after transitions into a model still in its initial modes. Only the
         structure is inferred (:func:`~adaptopt.layout.implied_by_state_dict`); the
         optimizer's ``load_state_dict`` restores the exact modes. A partial state dict
-        (without ``base.weight``) leaves the structure alone.
+        (without the weight) leaves the structure alone.
         """
-        if prefix + "base.weight" in state_dict:
+        if holds_full_layer_state(state_dict, prefix):
+            merged = read_plain_names(state_dict, prefix)
             a = state_dict.get(prefix + "lora_A")
             self.adopt_layout(implied_by_state_dict(self.layout(), None if a is None else int(a.shape[0]),
                                                     prefix + "delta" in state_dict))
+            if merged is not None and self._merge_lives_in_weight:
+                self.merged = merged and self.lora_A is not None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------- introspection

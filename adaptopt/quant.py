@@ -175,6 +175,32 @@ class QuantLoRALinear(LoRALinear):
             delta = self._learned_delta()
             return weight if delta is None else weight + delta
 
+    # ---------------------------------------------------------------- state dicts
+    _merge_lives_in_weight = False  # merge() builds a dense copy beside Q; Q never holds an update
+
+    def _state_dict_effective_weight(self) -> None:
+        """The packed weight keeps the plain name: a dense loader stops on its shape instead of
+        loading a wrong function (:mod:`adaptopt.state_dict_names`)."""
+        return None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # type: ignore[no-untyped-def]
+        """As for plain layers; then the saved quantization state (absmax, quant map, ...) is checked
+        against this layer's: ``Q`` never changes in training, so a difference means another base."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        stem = prefix + "base.weight."
+        saved = {k[len(stem):]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(stem)]}
+        if not saved:
+            return
+        current = self.base.weight.quant_state.as_dict(packed=True)
+        differs = sorted(n for n, v in saved.items()
+                         if n not in current or not torch.equal(v.cpu(), current[n].cpu()))
+        if differs:
+            error_msgs.append(f"{prefix[:-1] or 'layer'}: the checkpoint's 4-bit base was quantized from other weights "
+                              f"or settings ({', '.join(differs)} differ); build the model from the same base model "
+                              "and 4-bit settings as the run that saved it")
+
     # ---------------------------------------------------------------- merge for inference
     def mark_merged_from_load(self) -> None:
         """The 4-bit base cannot hold a merged update: rebuild the dense inference copy."""
