@@ -24,6 +24,12 @@ and Adam moments.
 every transition through the ``transformers`` logger and into ``trainer.state.log_history``,
 adds mode counts to each log line, and writes a readable ``adaptopt.json`` (modes, ranks,
 scores, history) into each checkpoint directory.
+
+Checkpoints and ``trainer.save_model()`` folders hold the model's state dict in the plain
+layer names (``adaptopt/state_dict_names.py``): ``AutoModel*.from_pretrained(folder)`` loads the
+trained function without adaptopt. A model with 4-bit layers cannot be loaded that way (its
+packed weights stop the load with a size mismatch); :func:`load_checkpoint` loads any of them,
+exactly, into a model prepared as for training.
 """
 from __future__ import annotations
 
@@ -38,6 +44,39 @@ from adaptopt import AdaptiveOptimizer, Mode
 
 logger = logging.get_logger("adaptopt")
 STATE_FILE = "adaptopt.json"
+
+
+def load_checkpoint(model: Any, folder: str | os.PathLike) -> Any:
+    """Load a Trainer checkpoint or ``save_model`` folder into ``model`` — built and adapted as for
+    training (``inject_adapters`` or ``AdaptiveOptimizer`` with the same targets and 4-bit
+    settings) — exactly, every key checked. Returns ``model``. Safetensors only."""
+    from safetensors.torch import load_file
+    folder = os.fspath(folder)
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        with open(index) as f:
+            files = [os.path.join(folder, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    else:
+        raise FileNotFoundError(f"{folder} holds no model.safetensors (or its index): pass a Trainer checkpoint "
+                                "or a save_model/save_pretrained folder")
+    state: dict[str, Any] = {}
+    for file in files:
+        state.update(load_file(file))
+    tied = {k for k in getattr(model, "_tied_weights_keys", None) or () if isinstance(k, str)}
+    fix = ("Build the model and its adapters (targets, 4-bit settings) as for the run that saved it, "
+           "then load again")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{folder} does not fit this model ({str(e).splitlines()[-1].strip()}). {fix}") from e
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{folder} does not fit this model: missing {missing[:5]}, unexpected "
+                         f"{result.unexpected_keys[:5]}. {fix}")
+    return model
 
 
 def find_adaptive_optimizer(optimizer: Any) -> AdaptiveOptimizer:
