@@ -191,8 +191,9 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         """
         if self.steps_per_epoch is None and self.policy.needs_epochs():
             raise ValueError(f"policy {self.policy.method!r} counts in epochs: pass steps_per_epoch= to "
-                             "AdaptiveOptimizer (or set opt.steps_per_epoch; the HF Trainer callback does it); "
-                             "nothing was updated")
+                             "AdaptiveOptimizer or call opt.set_steps_per_epoch(n) (the HF Trainer's "
+                             "AdaptoptCallback and Lightning's adaptopt.integrations.lightning.AdaptoptLightning "
+                             "do it for you); nothing was updated")
         loss = None
         if closure is not None:
             with torch.enable_grad():

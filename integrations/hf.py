@@ -21,7 +21,7 @@ from the checkpoint's state dict, and the optimizer's own ``load_state_dict`` â€
 and Adam moments.
 
 :class:`AdaptoptCallback` feeds the epoch length to policies that count in epochs, logs
-every transition through the ``transformers`` logger and into ``trainer.state.log_history``,
+every transition through the ``transformers`` logger (``transformers.adaptopt``) and into ``trainer.state.log_history``,
 adds mode counts to each log line, and writes a readable ``adaptopt.json`` (modes, ranks,
 scores, history) into each checkpoint directory.
 
@@ -42,7 +42,9 @@ from transformers.utils import logging
 
 from adaptopt import AdaptiveOptimizer, Mode
 
-logger = logging.get_logger("adaptopt")
+# A child of the library's logger: transformers.logging.set_verbosity_info() and
+# TrainingArguments(log_level="info") show the transitions, through transformers' own handler.
+logger = logging.get_logger("transformers.adaptopt")
 STATE_FILE = "adaptopt.json"
 
 

@@ -41,13 +41,14 @@ class FullWeights(transformers.TrainerCallback):
                                         for n, m in self.opt.layers.items() if m.mode is Mode.FULL}
 
 
-def make_trainer(out, *, policy=AUTOMODE, extra_callbacks=()):
+def make_trainer(out, *, policy=AUTOMODE, extra_callbacks=(), **arguments):
     torch.manual_seed(0)
     model = tiny_bert(dropout=0.0).train()
     args = transformers.TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=2,
         learning_rate=1e-3, lr_scheduler_type="linear", warmup_steps=1, eval_strategy="epoch", save_strategy="steps",
-        save_steps=5, logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, max_grad_norm=1.0)
+        save_steps=5, logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, max_grad_norm=1.0,
+        **arguments)
     opt = AdaptiveOptimizer(model, lr=args.learning_rate, policy=policy, rank=2)
     callbacks = [AdaptoptCallback(), *(c(opt) for c in extra_callbacks)]
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(32, 1), eval_dataset=Rows(8, 2),
@@ -112,3 +113,31 @@ def test_the_callback_without_an_adaptive_optimizer_says_what_to_pass(tmp_path):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(8, 1), callbacks=[AdaptoptCallback()])
     with pytest.raises(ValueError, match=r"optimizers=\(AdaptiveOptimizer\(model"):
         trainer.train()
+
+
+class Recorder(__import__("logging").Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_transitions_show_where_a_trainer_user_looks(tmp_path):
+    from transformers.utils import logging as hf_logging
+    library = hf_logging.get_logger("transformers")
+    recorder, level = Recorder(), hf_logging.get_verbosity()
+    library.addHandler(recorder)
+    try:
+        trainer, opt, _ = make_trainer(tmp_path / "info", log_level="info")
+        trainer.train()
+        assert any("→ full" in m for m in recorder.messages)  # through transformers' own handler
+        recorder.messages.clear()
+        hf_logging.set_verbosity_warning()
+        trainer, opt, _ = make_trainer(tmp_path / "warning")
+        trainer.train()
+        assert not any("→" in m for m in recorder.messages)
+    finally:
+        library.removeHandler(recorder)
+        hf_logging.set_verbosity(level)
