@@ -36,6 +36,7 @@ from .policies import (
     register_policy,
 )
 from .quant import QuantConfig, QuantLoRALinear
+from .unload import disable_adapters, merge_and_unload
 
 __version__ = "0.1.0"
 
@@ -73,5 +74,7 @@ __all__ = [
     "save_adapters",
     "inject_adapters",
     "lora_scaling",
+    "disable_adapters",
+    "merge_and_unload",
     "select_targets",
 ]

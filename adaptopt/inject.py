@@ -28,6 +28,7 @@ from .layout import ModuleSwap
 from .lora import LoRALinear, is_conv1d, is_quantized_linear
 from .modes import Mode
 from .names import matcher
+from .peft_names import accepts_peft_names
 from .quant import QuantConfig, QuantLoRALinear
 
 Targets = Union[str, Pattern[str], Iterable[str]]
@@ -181,6 +182,7 @@ def _refuse_tied(model: nn.Module, chosen: list[str]) -> None:
                 f"{name}.weight = nn.Parameter({name}.weight.detach().clone()))")
 
 
+@accepts_peft_names
 def inject_adapters(model: nn.Module, targets: Targets = "auto", rank: int = 8, alpha: float = 16.0, *,
                     dropout: float = 0.0, rslora: bool = False, mode: Mode | str = Mode.LORA,
                     quantize: QuantConfig | str | Mapping[str, Any] | None = None) -> dict[str, LoRALinear]:

@@ -109,6 +109,7 @@ class LoRALinear(nn.Module):
         self.register_parameter("lora_A", None)
         self.register_parameter("lora_B", None)
         self.merged = False
+        self.adapters_disabled = False
         self.target = None  # TargetInfo, filled in by inject_adapters
         self._mode = Mode.FROZEN
         sync_layer_requires_grad(self)
@@ -150,6 +151,11 @@ class LoRALinear(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapters_disabled:
+            return self.base(x)  # adaptopt.unload.disable_adapters: the base function only
+        return self._adapted_forward(x)
+
+    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fusable(x):
             base = self.base
             return FusedLoRALinear.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
+import inspect
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -31,9 +32,10 @@ from .layout import RestorePoint
 from .lora import LoRALinear
 from .modes import Mode
 from .optimizer_state import optimizer_state, restore_optimizer_state
+from .peft_names import PEFT_NAMES, accepts_peft_names
 from .policies import LayerDecision, LayerView, Policy, build_policy
 from .scores import FAMILY_KEYS, weight_scores
-from .summary import layer_table
+from .summary import layer_table, one_line
 from .transitions import TrainRules, apply_decisions, check_consistency, plan_trainable, reconcile
 
 TASK_HEADS = ("classifier", "score")
@@ -45,6 +47,16 @@ def _from_families(key: str, families: Iterable[str]) -> bool:
     """Does score ``key`` (e.g. ``"svd_raw"``, ``"signal_fraction_compat"``) belong to one of ``families``?"""
     return any(key in FAMILY_KEYS[f] for f in families)
 
+
+
+def check_adamw_arguments(adamw_kwargs: Mapping[str, Any]) -> None:
+    """Refuse keywords that neither AdaptiveOptimizer nor AdamW takes, naming both lists."""
+    adamw = [n for n in inspect.signature(torch.optim.AdamW).parameters if n not in ("params", "lr")]
+    unknown = sorted(set(adamw_kwargs) - set(adamw))
+    if unknown:
+        ours = [n for n in inspect.signature(AdaptiveOptimizer.__init__).parameters if n not in ("self", "adamw_kwargs")]
+        raise TypeError(f"AdaptiveOptimizer got unexpected argument(s) {unknown}: its own are {ours} "
+                        f"(PEFT's names {sorted(PEFT_NAMES)} work too), and it passes {adamw} to AdamW")
 
 class AdaptiveOptimizer(torch.optim.Optimizer):
     """AdamW over a model whose target layers a policy moves between FROZEN, LORA and FULL.
@@ -76,6 +88,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
     A block whose targets are all FULL also trains its other parameters (norms, biases).
     """
 
+    @accepts_peft_names
     def __init__(self, model: nn.Module, lr: float = 1e-4, policy: Policy | str | Mapping[str, Any] = "lora", *,
                  lora_lr: float | None = None, rank: int | None = None, alpha: float | None = None,
                  dropout: float = 0.0,
@@ -94,6 +107,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int)
                                             or steps_per_epoch <= 0):
             raise ValueError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
+        check_adamw_arguments(adamw_kwargs)
         adamw_kwargs.setdefault("foreach", True)
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr, **adamw_kwargs)  # validates betas, eps, ...
         self.policy = build_policy(policy)
@@ -323,6 +337,11 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
     def summary(self) -> str:
         """A table of layers × mode / rank / LR scale / trainable parameters, with totals."""
         return layer_table(self.model, self.layers, self.lr_scales, self.param_groups[0]["params"])
+
+    def print_trainable_parameters(self) -> None:
+        """Print one line, as PEFT's method of this name does: trainable / all parameters, the
+        percentage, and the layers per mode (:meth:`summary` has the whole table)."""
+        print(one_line(self.model, self.layers, self.trainable_parameter_count()))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

@@ -138,7 +138,7 @@ class QuantLoRALinear(LoRALinear):
         return self.base.weight.device
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged_weight is not None:
             w = self._merged_weight
             bias = None if self.base.bias is None else self.base.bias.to(w.dtype)

@@ -38,6 +38,9 @@ TRAINING_KEYS = {"epochs", "batch_size", "eval_batch_size", "lr", "lora_lr", "se
                  "warmup_ratio", "weight_decay", "gradient_accumulation_steps", "logging_steps", "max_grad_norm",
                  "train_other"}
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bias", "rslora"}
+# The same settings under adaptopt's Python names and PEFT's (adaptopt/peft_names.py): all three spellings work
+LORA_SPELLINGS = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "targets": "target_modules",
+                  "use_rslora": "rslora"}
 QUANT_KEYS = {"bits", "bnb_4bit_compute_dtype", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "blocksize"}
 SPECTRUM_KEYS = {"snr_threshold", "layers_to_finetune", "top_percent", "mode", "rescan_epochs"}
 COMPARE_KEYS = {"methods", "seeds"}
@@ -212,6 +215,8 @@ def method_config(value: Any, source: str, key: str, base: Mapping[str, Any] | N
     _check_keys(value, allowed, source, key)
     merged = {k: copy.deepcopy(v) for k, v in (base or {}).items() if k in ("lora", "quantization")}
     merged.update(value)
+    if isinstance(merged.get("lora"), Mapping):
+        merged["lora"] = _framework_spelling(merged["lora"], source, f"{key}.lora")
     _check_keys(merged.get("lora"), LORA_KEYS, source, f"{key}.lora")
     _check_keys(merged.get("quantization"), QUANT_KEYS, source, f"{key}.quantization")
     _check_keys(merged.get("spectrum"), SPECTRUM_KEYS, source, f"{key}.spectrum")
@@ -221,6 +226,18 @@ def method_config(value: Any, source: str, key: str, base: Mapping[str, Any] | N
     _check_values(merged, METHOD_RULES, source, key)
     merged.setdefault("label", _default_label(merged))
     return merged
+
+
+def _framework_spelling(section: Mapping[str, Any], source: str, key: str) -> dict[str, Any]:
+    """A ``lora`` section with adaptopt's or PEFT's names (``rank``, ``lora_alpha``, ...) in the
+    framework's spelling (``r``, ``alpha``, ...); the same setting under two names is an error."""
+    out = dict(section)
+    for other, name in LORA_SPELLINGS.items():
+        if other in out:
+            if name in out:
+                raise ConfigError(f"{source}: {key}: {other!r} and {name!r} are the same setting; keep one")
+            out[name] = out.pop(other)
+    return out
 
 
 def _default_label(m: Mapping[str, Any]) -> str:

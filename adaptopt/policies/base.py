@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Mapping, NamedTuple
 from ..modes import Mode
 from ..names import matcher as name_matcher  # noqa: F401  (re-exported: policies match names with it)
 from ..names import name_matches as name_matches
+from ..peft_names import accepts_peft_names, with_our_names
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,12 @@ class Policy:
 
     method: ClassVar[str] = ""
     quantize: Any = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every policy's constructor takes PEFT's names too (``LoRA(r=16)``; :mod:`adaptopt.peft_names`)."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = accepts_peft_names(cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     def initial(self, layers: Mapping[str, LayerView], scores: Scores) -> dict[str, LayerDecision]:
         return {}
@@ -200,6 +207,7 @@ def build_policy(spec: "Policy | str | Mapping[str, Any]") -> Policy:
     cls = POLICIES[method]
     params = inspect.signature(cls.__init__).parameters
     accepted = [n for n in params if n != "self"]
+    options = with_our_names(options, accepted, f"policy {method!r}")
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for policy {method!r}: accepted are {accepted}")
