@@ -16,10 +16,10 @@ promoted later. A layer's LR scale multiplies its groups' scheduled lr during th
 """
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections import OrderedDict
-import inspect
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -54,7 +54,8 @@ def check_adamw_arguments(adamw_kwargs: Mapping[str, Any]) -> None:
     adamw = [n for n in inspect.signature(torch.optim.AdamW).parameters if n not in ("params", "lr")]
     unknown = sorted(set(adamw_kwargs) - set(adamw))
     if unknown:
-        ours = [n for n in inspect.signature(AdaptiveOptimizer.__init__).parameters if n not in ("self", "adamw_kwargs")]
+        ours = [n for n in inspect.signature(AdaptiveOptimizer.__init__).parameters
+                if n not in ("self", "adamw_kwargs")]
         raise TypeError(f"AdaptiveOptimizer got unexpected argument(s) {unknown}: its own are {ours} "
                         f"(PEFT's names {sorted(PEFT_NAMES)} work too), and it passes {adamw} to AdamW")
 

@@ -33,5 +33,6 @@ def one_line(model: nn.Module, layers: Mapping[str, nn.Module], trainable: int) 
     """``trainable params: … || all params: … || trainable%: … || layers: f full, l lora, z frozen``."""
     total = sum(p.numel() for p in model.parameters())
     counts = {m: sum(1 for x in layers.values() if x.mode is m) for m in Mode}
-    return (f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    share = 100 * trainable / max(total, 1)
+    return (f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}"
             f" || layers: {counts[Mode.FULL]} full, {counts[Mode.LORA]} lora, {counts[Mode.FROZEN]} frozen")

@@ -9,6 +9,7 @@ from tests.tiny_models import VOCAB, tiny_bert, tiny_llama, token_batch, transfo
 
 pytest.importorskip("accelerate")
 from adaptopt.integrations.hf import AdaptoptCallback, load_checkpoint  # noqa: E402
+
 from tests.test_hf_trainer import make_trainer  # noqa: E402
 
 AUTOMODE = {"method": "automode", "u": 2, "t": 50, "rank": 2, "score_steps": 1}  # FULL and LoRA layers

@@ -12,6 +12,7 @@ from tests.tiny_models import tiny_bert
 
 L = pytest.importorskip("lightning.pytorch")
 from adaptopt.integrations.lightning import AdaptoptLightning, steps_per_epoch  # noqa: E402
+
 from tests.test_hf_trainer import Rows  # noqa: E402
 
 POLICY = {"method": "automode", "u": 2, "t": 50, "rank": 2, "score_steps": 1}
