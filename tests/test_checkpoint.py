@@ -11,6 +11,7 @@ from adaptopt import (
     AdaptiveOptimizer,
     Fixed,
     LayerDecision,
+    LoRALinear,
     Mode,
     export_merged,
     export_peft,
@@ -234,7 +235,8 @@ def test_export_peft_loads_in_peft_with_the_same_logits(kind, tmp_path):
     model, opt = _lora_run(kind)
     export_peft(model, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert sorted(set(config["rank_pattern"].values())) == [3, 4] and list(config["alpha_pattern"].values()) == [5.0]
+    assert sorted(set(config["rank_pattern"].values())) == [3, 4]
+    assert config["alpha_pattern"] == config["rank_pattern"] and config["lora_alpha"] == config["r"]  # scaling 1
     if kind == "bert":
         assert config["modules_to_save"] == ["classifier"]
     auto = transformers.AutoModelForSequenceClassification if kind == "bert" else transformers.AutoModelForCausalLM
@@ -245,12 +247,72 @@ def test_export_peft_loads_in_peft_with_the_same_logits(kind, tmp_path):
     assert float((logits(loaded) - logits(model)).abs().max()) <= 1e-3 * effect
 
 
+def served_like_vllm(base: torch.nn.Module, adapter_dir) -> torch.nn.Module:
+    """Apply a PEFT adapter the way vLLM does: one global scaling lora_alpha / r (or / √r with rsLoRA)
+    for every layer, rank_pattern and alpha_pattern ignored; shapes from the tensors."""
+    from safetensors.torch import load_file
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / (config["r"] ** 0.5 if config["use_rslora"] else config["r"])
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    modules = dict(base.named_modules())
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if key.endswith(".lora_A.weight"):
+                name = key[len("base_model.model."):-len(".lora_A.weight")]
+                b = tensors[key.replace("lora_A", "lora_B")]
+                delta = scaling * (b.double() @ a.double())
+                layer = modules[name]
+                layer.weight += (delta.T if config["fan_in_fan_out"] else delta).to(layer.weight.dtype)
+            elif ".lora_" not in key:
+                base.get_parameter(key[len("base_model.model."):]).copy_(tensors[key])
+    return base
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_export_peft_means_the_same_under_one_global_scaling(kind, tmp_path):
+    model, _ = _lora_run(kind)
+    for layer in list(model.modules()):
+        if isinstance(layer, LoRALinear):
+            layer.rslora = True  # a scaling PEFT and vLLM compute differently unless it is folded
+            break
+    export_peft(model, tmp_path / "adapter")
+    served = served_like_vllm(fresh(kind), tmp_path / "adapter")
+    effect = float((logits(model) - logits(fresh(kind))).abs().max())
+    assert effect > 1e-3 and float((logits(served) - logits(model)).abs().max()) <= 1e-3 * effect
+
+
+def test_export_peft_with_svd_rank_exports_full_and_folded_layers(tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    base = fresh("bert")
+    base.save_pretrained(str(tmp_path / "base"))
+    model, opt = mixed_run("bert")
+    with pytest.raises(ValueError, match="pass base_model="):
+        export_peft(model, tmp_path / "no_base", svd_rank=4)
+    export_peft(model, tmp_path / "full", svd_rank=16, base_model=fresh("bert"))
+    full_layers = [n for n in opt.layers if ".0." in n]
+    assert all(f"{n}: rank 16 keeps 100.00%" in line and "bias moved by up to" in line
+               for n, line in zip(full_layers, capsys.readouterr().out.splitlines()))
+    original = fresh("bert")
+    with torch.no_grad():  # adapters carry no bias: put the FULL layers' biases back, then the export is exact
+        for n in full_layers:
+            opt.layers[n].base.bias.copy_(original.get_parameter(f"{n}.bias"))
+    export_peft(model, tmp_path / "full", svd_rank=16, base_model=original)  # rank ≥ min(out, in): exact
+    loaded = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "base")),
+        str(tmp_path / "full")).eval()
+    effect = float((logits(model) - logits(fresh("bert"))).abs().max())
+    assert float((logits(loaded) - logits(model)).abs().max()) <= 1e-3 * effect
+    export_peft(model, tmp_path / "low", svd_rank=1, base_model=fresh("bert").state_dict())
+    kept = [float(line.rsplit("keeps ", 1)[1].split("%")[0]) for line in capsys.readouterr().out.splitlines()]
+    assert kept and min(kept) < 100.0
+
+
 def test_export_peft_refuses_what_lora_cannot_express(tmp_path):
     model, opt = mixed_run("bert")
     with pytest.raises(ValueError) as err:
         export_peft(model, tmp_path)
     message = str(err.value)
-    assert "FULL" in message and "export_merged" in message
+    assert "FULL" in message and "export_merged" in message and "svd_rank=k" in message
     folded = [n for n in opt.layers if ".1." in n][0]
     assert f"{folded}: its base.weight changed" in message
     assert not (tmp_path / "adapter_config.json").exists()

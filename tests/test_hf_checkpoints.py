@@ -103,3 +103,17 @@ def test_trl_sft_trainer_with_its_defaults_saves_a_plainly_loadable_model(tmp_pa
     inject_adapters(exact, rank=2)
     load_checkpoint(exact, tmp_path / "checkpoint-3")
     assert_loads_plainly(tmp_path / "checkpoint-3", exact.eval(), transformers.AutoModelForCausalLM, x)
+
+
+def test_export_merged_with_the_tokenizer_serves_a_text_generation_pipeline(tmp_path):
+    from adaptopt import export_merged
+    torch.manual_seed(0)
+    model = tiny_llama()
+    model.config.pad_token_id, model.config.eos_token_id = 0, 1
+    inject_adapters(model, rank=2)
+    with pytest.raises(TypeError, match="save_pretrained"):
+        export_merged(model, tmp_path / "bad", tokenizer="w1 w2")
+    export_merged(model, tmp_path / "merged", tokenizer=word_tokenizer())
+    generate = transformers.pipeline("text-generation", model=str(tmp_path / "merged"))
+    out = generate("w1 w2 w3", max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    assert out.startswith("w1 w2 w3") and len(out.split()) > 3
