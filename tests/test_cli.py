@@ -77,7 +77,8 @@ def test_train_evaluates_saves_and_plots(tiny, tmp_path):
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(out / "merged")
     assert merged.config.num_labels == 2
     labels = json.loads((out / "labels.json").read_text())
-    assert sorted(labels.values()) == ["neg", "pos"] and merged.config.id2label == {int(i): n for i, n in labels.items()}
+    assert sorted(labels.values()) == ["neg", "pos"]
+    assert merged.config.id2label == {int(i): n for i, n in labels.items()}
     # the folder alone serves: tokenizer saved beside the weights, predictions under the real label names
     classify = transformers.pipeline("text-classification", model=str(out / "merged"))
     assert classify("good movie the plot")[0]["label"] in ("neg", "pos")
