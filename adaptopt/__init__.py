@@ -7,6 +7,7 @@ without changing what the model computes at the moment of the switch.
 The core imports with torch alone; bitsandbytes, transformers, datasets and matplotlib
 are imported only by the features that need them.
 """
+from ._imports import quiet_optional_kernel_notice
 from .checkpoint import load_adapters, save_adapters
 from .export import export_merged, export_peft
 from .factors import lora_scaling
@@ -39,6 +40,8 @@ from .quant import QuantConfig, QuantLoRALinear
 from .unload import disable_adapters, merge_and_unload
 
 __version__ = "0.1.0"
+
+quiet_optional_kernel_notice()
 
 __all__ = [
     "ALoRS",

@@ -6,6 +6,7 @@ at the point of use through :func:`require`, which names the extra to install.
 from __future__ import annotations
 
 import importlib
+import logging
 from importlib.util import find_spec
 from types import ModuleType
 
@@ -29,3 +30,22 @@ def require(module: str, *, extra: str | None = None) -> ModuleType:
         extra = extra or EXTRA_OF.get(module)
         hint = f"pip install 'adaptopt[{extra}]'" if extra else f"pip install {module}"
         raise ImportError(f"{module} is needed for this feature but is not installed: {hint}") from exc
+
+
+# bitsandbytes warns at import, in every process that imports transformers' Trainer, that an
+# optional CPU kernel package ("kernels") is missing; it then uses its own CPU path. That is not
+# news to a user who did nothing wrong, so it is shown only when bitsandbytes logs at DEBUG.
+KERNEL_NOTICE = ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+class _OptionalKernelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (not record.getMessage().startswith(KERNEL_NOTICE[1])
+                or logging.getLogger("bitsandbytes").isEnabledFor(logging.DEBUG))
+
+
+def quiet_optional_kernel_notice() -> None:
+    """Hide bitsandbytes' missing-optional-kernel notice (idempotent; see above)."""
+    target = logging.getLogger(KERNEL_NOTICE[0])
+    if not any(isinstance(f, _OptionalKernelNotice) for f in target.filters):
+        target.addFilter(_OptionalKernelNotice())

@@ -182,9 +182,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from adaptopt import AdaptiveOptimizer, Spectrum
 
     from .models import load_model
+    from .report import plot_scan
     model_cfg = {"path": args.model} if Path(args.model).exists() else {"name": args.model}
     try:
-        model, _ = load_model(model_cfg, "base")
+        model, _ = load_model(model_cfg, "as_saved")
         opt = AdaptiveOptimizer(model, policy=Spectrum(top_percent=args.top_percent, mode=args.mode))
     except ValueError as err:
         if isinstance(err, ConfigError):
@@ -192,8 +193,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
         raise ConfigError(f"scan {args.model}: {err}") from None
     key = "signal_fraction" if args.mode == "mp" else "signal_fraction_compat"
     snr = "snr" if args.mode == "mp" else "snr_compat"
-    rows = [{"layer": n, "type": m.layer_type, "snr": opt.scores[n].get(snr), "signal_fraction": opt.scores[n].get(key),
-             "selected": m.mode.value == "full"} for n, m in opt.layers.items()]
+    rows = [{"layer": n, "type": m.layer_type, "block": m.block_index, "snr": opt.scores[n].get(snr),
+             "signal_fraction": opt.scores[n].get(key), "selected": m.mode.value == "full"}
+            for n, m in opt.layers.items()]
     width = max(len(r["layer"]) for r in rows)
     print(f"{'layer'.ljust(width)}  {'SNR':>10}  {'signal %':>8}  selected (top {args.top_percent:g}% per type, "
           f"{args.mode})")
@@ -202,12 +204,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
               f"{'yes' if r['selected'] else ''}")
     selected = sum(r["selected"] for r in rows)
     print(f"{selected} of {len(rows)} layers selected")
-    if args.output_dir:
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "scan.json").write_text(json.dumps({"model": args.model, "mode": args.mode,
-                                                   "top_percent": args.top_percent, "layers": rows}, indent=1))
-        print(f"written to {out / 'scan.json'}")
+    out = Path(args.output_dir or Path("runs") / f"scan-{Path(args.model).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scan.json").write_text(json.dumps({"model": args.model, "mode": args.mode,
+                                               "top_percent": args.top_percent, "layers": rows}, indent=1))
+    plot_scan(rows, out / "scan.png", title=f"{args.model}: signal share per layer, top {args.top_percent:g}% "
+                                             f"per type selected ({args.mode})")
+    print(f"written to {out / 'scan.json'} and {out / 'scan.png'}")
     return 0
 
 

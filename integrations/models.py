@@ -83,14 +83,23 @@ def load_model(cfg: Mapping[str, Any], task: str, num_labels: int = 2,
                           "holds config.json, the weights (model.safetensors) and the tokenizer files") from None
 
 
+def _saved_class(directory: Path) -> Any:
+    """The model class config.json names (``LlamaForCausalLM``), or ``AutoModel``."""
+    import transformers
+    from transformers import AutoConfig
+    names = getattr(AutoConfig.from_pretrained(directory), "architectures", None) or []
+    return next((getattr(transformers, n) for n in names if hasattr(transformers, n)), transformers.AutoModel)
+
+
 def _load(directory: Path, task: str, num_labels: int, label_names: Sequence[str] = ()) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per run is not news
     try:
         if task == "classification":
             names = {i: str(n) for i, n in enumerate(label_names)} if len(label_names) == num_labels else {}
@@ -100,8 +109,12 @@ def _load(directory: Path, task: str, num_labels: int, label_names: Sequence[str
                 model.config.pad_token_id = tokenizer.pad_token_id
         elif task == "causal_lm":
             model = AutoModelForCausalLM.from_pretrained(directory)
+        elif task == "as_saved":  # the class named in config.json, so names read as in that model
+            model = _saved_class(directory).from_pretrained(directory)
         else:
             model = AutoModel.from_pretrained(directory)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return model, tokenizer

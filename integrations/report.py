@@ -8,7 +8,9 @@ Plain Python (no torch); matplotlib is imported only when a plot is drawn (``[pl
 - :func:`markdown_table` / :func:`write_tables` print and save it (Markdown, CSV, JSON);
 - :func:`plot_run` draws a run's layer-importance heatmap (layers × decision steps), its mode
   timeline (trainable parameters and every layer's mode over steps) and its final ranks;
-- :func:`plot_compare` draws trainable parameters against the metric across methods.
+- :func:`plot_compare` draws trainable parameters against the metric across methods;
+- :func:`plot_scan` draws ``adaptopt scan``'s SNR per layer (blocks × layer types), the
+  selected layers marked.
 """
 from __future__ import annotations
 
@@ -240,6 +242,37 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
         ax.set_ylabel(metric)
     fig.suptitle(f"{metric} against cost (mean over {max(len(v) for v in values.values())} paired seeds, "
                  "95% intervals)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_scan(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
+    """``scan.png``: one cell per (layer type, block) coloured by its signal share (the SNR's
+    scale-free part), a white dot on each layer the selection trains. ``rows`` as written to
+    ``scan.json``: ``layer``, ``type``, ``block``, ``signal_fraction``, ``selected``."""
+    plt = _pyplot()
+    types = list(dict.fromkeys(str(r["type"]) for r in rows))
+    blocks = sorted({-1 if r["block"] is None else int(r["block"]) for r in rows})
+    column = {b: i for i, b in enumerate(blocks)}
+    grid = [[float("nan")] * len(blocks) for _ in types]
+    marks = []
+    for r in rows:
+        y, x = types.index(str(r["type"])), column[-1 if r["block"] is None else int(r["block"])]
+        grid[y][x] = 100 * float(r["signal_fraction"])
+        if r["selected"]:
+            marks.append((x, y))
+    fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(blocks) + 3), max(2.5, 0.4 * len(types) + 1.5)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    if marks:
+        ax.scatter(*zip(*marks), s=14, c="white", edgecolors="black", linewidths=0.5, label="selected (FULL)")
+        ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
+    ax.set_xticks(range(len(blocks)), ["–" if b < 0 else str(b) for b in blocks], fontsize=7)
+    ax.set_yticks(range(len(types)), types, fontsize=7)
+    ax.set_xlabel("block")
+    fig.colorbar(image, ax=ax, label="signal %")
+    ax.set_title(title or "Spectrum scan", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

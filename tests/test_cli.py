@@ -114,6 +114,19 @@ def test_scan_reports_every_layer_and_the_selection(tiny, tmp_path, capsys):
         by_type.setdefault(layer["type"], []).append(layer["selected"])
     assert all(sum(flags) == 1 for flags in by_type.values())  # top 50% of 2 per type
     assert "layers selected" in capsys.readouterr().out
+    assert (tmp_path / "scan.png").stat().st_size > 0
+
+
+def test_scan_names_layers_as_the_saved_model_does(tmp_path, capsys):
+    from tests.test_hf_checkpoints import word_tokenizer
+    from tests.tiny_models import tiny_llama
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    word_tokenizer().save_pretrained(tmp_path / "llama")
+    assert main(["scan", str(tmp_path / "llama"), "--output-dir", str(tmp_path / "out")]) == 0
+    layers = json.loads((tmp_path / "out" / "scan.json").read_text())["layers"]
+    assert layers and all(r["layer"].startswith("model.layers.") for r in layers)  # as in LlamaForCausalLM
+    assert {r["block"] for r in layers} == {0, 1} and (tmp_path / "out" / "scan.png").is_file()
+    assert "Loading weights" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case, message", [
