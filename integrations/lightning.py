@@ -18,6 +18,9 @@ Two things Lightning's order of work needs:
   Lightning when it asks. Each adapter layer then takes the saved structure from the weights,
   and the optimizer's ``load_state_dict`` (Lightning's ``optimizer_states``) restores the exact
   modes, ranks, scores, history and Adam moments.
+- **Randomness.** Lightning's checkpoints do not keep torch's RNG state; the callback saves and
+  restores it (its ``state_dict``), so adapters started after a resume (fresh ``A``) and dropout
+  masks are the uninterrupted run's.
 - **Epoch length.** Policies that decide "u times per epoch" get the number of optimizer steps
   per epoch at the start of training: ``⌈batches / accumulate_grad_batches⌉`` (Lightning steps
   on the last, partial accumulation too).
@@ -83,6 +86,23 @@ class AdaptoptLightning(Callback):
                              "under 'optimizer')")
         # Lightning asks after restoring the checkpoint's weights; it gets the optimizer built here
         pl_module.configure_optimizers = lambda: configured
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in Lightning's checkpoint: torch's RNG states, which Lightning itself does not keep.
+        Fresh adapter factors (a layer entering LORA) and dropout draw from them, so without this a
+        resumed run would start different factors than the uninterrupted one."""
+        import torch
+        state = {"torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        import torch
+        if "torch_rng" in state_dict:
+            torch.set_rng_state(state_dict["torch_rng"])
+        if "cuda_rng" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda_rng"])
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         for opt in self.optimizers:

@@ -85,3 +85,10 @@ def test_every_policy_example_in_the_readme_runs():
             opt.step()
             opt.zero_grad()
         assert opt.trainable_parameter_count() > 0, line
+
+
+def test_lightning_example_resumes_exactly(tmp_path):
+    pytest.importorskip("lightning")
+    result = load("lightning_fit").main(str(tmp_path))
+    assert result["steps_per_epoch"] == 32 and result["transitions"] >= 1  # 64 batches / accumulation 2
+    assert result["resume_exact"] and result["accuracy"] > 0.6
