@@ -36,12 +36,11 @@ def plain_layer(layer: LoRALinear) -> nn.Module:
             return base
         weight = layer.effective_weight().to(layer._weight_dtype())  # (out, in), whatever the original layout
         bias = layer.base.bias
-        dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, dtype=weight.dtype,
-                          device=weight.device)
-        dense.weight.copy_(weight)
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+        # new parameters, frozen as the 4-bit base was (nothing here changes an existing parameter's flag)
+        dense.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         if bias is not None:
-            dense.bias.copy_(bias.detach().to(weight.dtype))
-        dense.requires_grad_(False)
+            dense.bias = nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
         return dense
 
 

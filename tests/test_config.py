@@ -62,7 +62,7 @@ def test_shipped_example_configs_validate():
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({**BASE, "fine_tuning": {"method": "lora", "lora": {"rank": 8}}}, "fine_tuning.lora: unknown key(s) ['rank']"),
+    ({**BASE, "fine_tuning": {"method": "lora", "lora": {"rnak": 8}}}, "fine_tuning.lora: unknown key(s) ['rnak']"),
     ({**BASE, "fine_tuning": {"method": "qlora", "quantization": {"bits": 8}}}, "only 4-bit"),
     ({**BASE, "fine_tuning": {"method": "spectrum", "spectrum": {"snr_threshold": 2}}}, "percentile in [0, 1)"),
     ({**BASE, "compare": {"methods": ["full", "loar"]}}, "compare.methods[1].method: unknown method 'loar'"),
