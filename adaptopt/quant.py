@@ -26,6 +26,7 @@ from torch import nn
 
 from ._imports import require
 from .factors import factors_from_svd, lora_scaling, svd_dense
+from .fused_quant import FusedQuantLoRALinear, can_fuse_quant
 from .lora import LoRALinear, is_quantized_linear, linear_geometry
 from .modes import Mode
 from .quant_config import QUANT_TYPES, QuantConfig
@@ -143,10 +144,24 @@ class QuantLoRALinear(LoRALinear):
             w = self._merged_weight
             bias = None if self.base.bias is None else self.base.bias.to(w.dtype)
             return F.linear(x.to(w.dtype), w, bias).to(x.dtype)
+        if self._fusable_quant(x):
+            return FusedQuantLoRALinear.apply(x, self._dequantize_base, self.base.bias, self.lora_A, self.lora_B,
+                                              self.scaling)
         out = self._add_adapter(x, self.base(x))
         if self.delta is not None:
             out = out + F.linear(x.to(self.delta.dtype), self.delta).to(out.dtype)
         return out
+
+    def _fusable_quant(self, x: torch.Tensor) -> bool:
+        """Factors over the 4-bit base without a dense delta, adapter dropout or hooks on the base:
+        one autograd node that never keeps ``deq(Q)`` alive (:mod:`adaptopt.fused_quant`)."""
+        base = self.base
+        return (self.lora_A is not None and self.delta is None and isinstance(self.dropout, nn.Identity)
+                and not (base._forward_hooks or base._forward_pre_hooks)
+                and can_fuse_quant(x, self._weight_dtype(), base.bias, self.lora_A))
+
+    def _dequantize_base(self) -> torch.Tensor:
+        return dequantize(self.base)
 
     # ---------------------------------------------------------------- deltas
     def _learned_delta(self) -> torch.Tensor | None:

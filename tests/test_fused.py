@@ -22,15 +22,17 @@ def formula(x, weight, bias, a, b, s, fan_in_fan_out):
     return out if bias is None else out + bias
 
 
-def reference(module, x, grad):
-    """Output and gradients (x, A, B) in float64, and their error scales (the same on |·|)."""
+def reference(module, x, grad, weight=None):
+    """Output and gradients (x, A, B) in float64, and their error scales (the same on |·|).
+    ``weight``: the dense weight the layer computes with (default its base weight)."""
+    weight = module.weight if weight is None else weight
     results = []
     for transform in (lambda t: t.double(), lambda t: t.double().abs()):
         xr = transform(x.detach()).requires_grad_(True)
         a = transform(module.lora_A.detach()).requires_grad_(True)
         b = transform(module.lora_B.detach()).requires_grad_(True)
         bias = None if module.bias is None else transform(module.bias.detach())
-        out = formula(xr, transform(module.weight.detach()), bias, a, b, module.scaling, module.fan_in_fan_out)
+        out = formula(xr, transform(weight.detach()), bias, a, b, module.scaling, module.fan_in_fan_out)
         out.backward(transform(grad))
         results.append((out.detach(), xr.grad, a.grad, b.grad))
     return results
@@ -60,7 +62,13 @@ def test_fused_output_and_gradients_match_the_formula(case):
     assert type(out.grad_fn).__name__ == "FusedLoRALinearBackward"
     grad = torch.randn_like(out)
     out.backward(grad)
-    (ref, ref_x, ref_a, ref_b), (scale, scale_x, scale_a, scale_b) = reference(module, x, grad)
+    assert_matches_reference(module, x, xg, out, grad)
+    assert module.weight.grad is None and (module.bias is None or module.bias.grad is None)
+
+
+def assert_matches_reference(module, x, xg, out, grad, weight=None):
+    """Output and gradients within the dot-product error bound of the float64 formula."""
+    (ref, ref_x, ref_a, ref_b), (scale, scale_x, scale_a, scale_b) = reference(module, x, grad, weight)
     eps = torch.finfo(x.dtype).eps
     k = module.in_features + module.out_features + module.rank + 4
     for got, want, size in ((out, ref, scale), (xg.grad, ref_x, scale_x), (module.lora_A.grad, ref_a, scale_a),
@@ -68,7 +76,6 @@ def test_fused_output_and_gradients_match_the_formula(case):
         assert got.dtype == x.dtype and got.shape == want.shape
         error = (got.double() - want).abs()
         assert bool((error <= k * eps * size + 1e-300).all()), float((error / (size + 1e-300)).max() / eps)
-    assert module.weight.grad is None and (module.bias is None or module.bias.grad is None)
 
 
 def test_fused_equals_the_composite_path_and_falls_back_where_it_must():
