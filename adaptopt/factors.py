@@ -105,6 +105,38 @@ def factors_from_svd(svd: SVD, rank: int, scaling: float, *, dtype: torch.dtype,
             svd.S[keep:])
 
 
+INITS = ("default", "pissa")
+
+
+def check_init(init: object) -> str:
+    """``"default"`` (A Kaiming, B = 0) or ``"pissa"``; PEFT's ``True`` means the default."""
+    if init is True:
+        return "default"
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS} (PEFT's init_lora_weights=True means 'default'), "
+                         f"got {init!r}")
+    return str(init)
+
+
+def pissa_factors(weight: torch.Tensor, rank: int, scaling: float, *, dtype: torch.dtype,
+                  device: torch.device) -> tuple[nn.Parameter, nn.Parameter]:
+    """PiSSA (Meng et al., 2024): the principal rank-``r`` part of ``W`` (``(out, in)``) as factors,
+
+    .. math::  A = \\mathrm{diag}(\\sqrt{S_r})\\,V_r^\top / \\sqrt{s}, \\qquad
+               B = U_r\\,\\mathrm{diag}(\\sqrt{S_r}) / \\sqrt{s}, \\qquad s\\,BA = U_r S_r V_r^\top,
+
+    the singular values split evenly between the factors. The caller keeps ``W − s·BA`` as the
+    base weight, so the layer's function is unchanged. Rows beyond rank(W) are fresh (B = 0)."""
+    svd = svd_dense(weight)
+    keep = min(rank, svd.S.numel())
+    root = (svd.S[:keep] / scaling).sqrt()
+    a, b = root[:, None] * svd.Vh[:keep], svd.U[:, :keep] * root[None, :]
+    if keep < rank:
+        pad_a, pad_b = fresh_factors(a.shape[1], b.shape[0], rank - keep, dtype=a.dtype, device=a.device)
+        a, b = torch.cat([a, pad_a.data]), torch.cat([b, pad_b.data], dim=1)
+    return nn.Parameter(a.to(device=device, dtype=dtype)), nn.Parameter(b.to(device=device, dtype=dtype))
+
+
 def grow_factors(a: torch.Tensor, b: torch.Tensor, old_scaling: float, new_rank: int,
                  new_scaling: float) -> tuple[nn.Parameter, nn.Parameter]:
     """Raise an adapter's rank exactly: keep ``A``, append fresh rows, rescale ``B``.

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Pattern, Union
 
 from torch import nn
 
-from .factors import check_rank_alpha
+from .factors import check_init, check_rank_alpha
 from .layout import ModuleSwap
 from .lora import LoRALinear, is_conv1d, is_quantized_linear
 from .modes import Mode
@@ -185,29 +185,35 @@ def _refuse_tied(model: nn.Module, chosen: list[str]) -> None:
 @accepts_peft_names
 def inject_adapters(model: nn.Module, targets: Targets = "auto", rank: int = 8, alpha: float = 16.0, *,
                     dropout: float = 0.0, rslora: bool = False, mode: Mode | str = Mode.LORA,
-                    quantize: QuantConfig | str | Mapping[str, Any] | None = None) -> dict[str, LoRALinear]:
+                    quantize: QuantConfig | str | Mapping[str, Any] | None = None,
+                    init: str = "default") -> dict[str, LoRALinear]:
     """Swap ``model``'s target layers for :class:`LoRALinear` (or :class:`QuantLoRALinear` with
     ``quantize="nf4"|"fp4"|{...}``), in place, and return them by module name.
 
     Right after injection (``mode=LORA``, ``B = 0``) the model computes exactly what it did
-    (with ``quantize``, up to the 4-bit rounding of the base weights).
+    (with ``quantize``, up to the 4-bit rounding of the base weights). ``init="pissa"`` starts
+    every adapter from its weight's principal part instead (the function is unchanged too).
 
     Raises ``ValueError`` for no matching targets, rank ≤ 0, alpha ≤ 0 or an unknown quant
     type, and ``ImportError`` when bitsandbytes is needed but missing; on any error the
     model is left exactly as it was.
     """
     return inject_with_undo(model, targets, rank, alpha, dropout=dropout, rslora=rslora, mode=mode,
-                            quantize=quantize)[0]
+                            quantize=quantize, init=init)[0]
 
 
 def inject_with_undo(model: nn.Module, targets: Targets = "auto", rank: int = 8, alpha: float = 16.0, *,
                      dropout: float = 0.0, rslora: bool = False, mode: Mode | str = Mode.LORA,
-                     quantize: QuantConfig | str | Mapping[str, Any] | None = None
+                     quantize: QuantConfig | str | Mapping[str, Any] | None = None, init: str = "default"
                      ) -> tuple[dict[str, LoRALinear], ModuleSwap]:
     """:func:`inject_adapters`, also returning the :class:`~adaptopt.layout.ModuleSwap` whose
     ``undo()`` takes the adapters back out (the optimizer's constructor rolls back with it)."""
     check_rank_alpha(rank, alpha)
     mode = Mode.coerce(mode)
+    init = check_init(init)
+    if init == "pissa" and quantize is not None:
+        raise ValueError("init='pissa' cannot go with quantize: a 4-bit base is never rewritten, and PiSSA moves "
+                         "the weight's principal part out of it; use one or the other")
     existing = find_adapters(model)
     if existing:
         raise ValueError(f"the model already has {len(existing)} adapters (first: {next(iter(existing))!r}); "
@@ -225,13 +231,17 @@ def inject_with_undo(model: nn.Module, targets: Targets = "auto", rank: int = 8,
             base = modules[name]
             if quant is not None or is_quantized_linear(base):
                 module = QuantLoRALinear(base, rank, alpha, dropout, rslora, mode=mode,
-                                         quantize=quant or QuantConfig())
-            else:
-                module = LoRALinear(base, rank, alpha, dropout, rslora, mode=mode)
+                                         quantize=quant or QuantConfig(), init=init)
+            else:  # PiSSA rewrites the base weight: only once every layer is built and swapped in
+                module = LoRALinear(base, rank, alpha, dropout, rslora, init=init,
+                                    mode=Mode.FROZEN if init == "pissa" else mode)
             module.target = TargetInfo.from_name(name)
             wrapped[name] = module
         for name, module in wrapped.items():
             swap.put(name, module)
+        if init == "pissa":
+            for module in wrapped.values():
+                module.set_mode(mode)
     except BaseException:
         swap.undo()
         raise

@@ -18,12 +18,14 @@ from torch import nn
 
 from .changed_params import mark_changed
 from .factors import (
+    check_init,
     check_rank_alpha,
     compute_dtype,
     factors_from_svd,
     fresh_factors,
     grow_factors,
     lora_scaling,
+    pissa_factors,
     svd_of_product,
 )
 from .fused import FusedLoRALinear, can_fuse
@@ -73,6 +75,9 @@ class LoRALinear(nn.Module):
         alpha: LoRA ``alpha`` (> 0).
         dropout: dropout on the adapter input (0 means no dropout module at all).
         rslora: use ``s = alpha / √r`` (rank-stabilised LoRA).
+        init: how an adapter starts whenever the layer enters ``Mode.LORA``: ``"default"``
+            (A Kaiming-uniform, B = 0) or ``"pissa"`` (the weight's principal rank-r part moves
+            into A and B, the residual stays in W: the function is unchanged; docs/design.md §3).
         mode: the initial mode; ``Mode.LORA`` starts a fresh adapter with ``B = 0``, so the
             wrapped layer computes exactly what ``base`` did.
 
@@ -92,9 +97,10 @@ class LoRALinear(nn.Module):
     lora_B: nn.Parameter | None
 
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 rslora: bool = False, *, mode: Mode | str = Mode.LORA) -> None:
+                 rslora: bool = False, *, mode: Mode | str = Mode.LORA, init: str = "default") -> None:
         super().__init__()
         check_rank_alpha(rank, alpha)
+        self.init = check_init(init)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1) (a number, not a string), got {dropout!r}")
         mode = Mode.coerce(mode)
@@ -346,9 +352,19 @@ class LoRALinear(nn.Module):
         return mode is Mode.LORA
 
     def _start_factors(self, rank: int) -> None:
-        """A fresh adapter (``B = 0``) on the current weight."""
-        self._set_factors(*fresh_factors(self.in_features, self.out_features, rank,
-                                         dtype=self._weight_dtype(), device=self._weight_device()))
+        """A fresh adapter (``B = 0``) on the current weight; with PiSSA, the weight's principal
+        rank-``rank`` part moved into the factors (``W ← W − s·BA``, one rounding)."""
+        if self.init != "pissa":
+            self._set_factors(*fresh_factors(self.in_features, self.out_features, rank,
+                                             dtype=self._weight_dtype(), device=self._weight_device()))
+            return
+        weight = self.base.weight.detach()
+        weight = weight.T if self.fan_in_fan_out else weight
+        scaling = lora_scaling(self.alpha, rank, self.rslora)
+        a, b = pissa_factors(weight, rank, scaling, dtype=self._weight_dtype(), device=self._weight_device())
+        dtype = compute_dtype(a.dtype, weight.dtype)
+        self._add_to_base_weight(-(b.detach().to(dtype) @ a.detach().to(dtype)) * scaling)
+        self._set_factors(a, b)
 
     def _release_factors(self, mode: Mode) -> None:
         """Leaving LORA: ``W ← W + s·BA``, then no factors."""

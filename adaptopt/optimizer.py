@@ -70,6 +70,10 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             (``{"method": "lora", "rank": 16}``).
         lora_lr: learning rate of adapter factors; default ``10 × lr`` (measured: LoRA at the
             full-fine-tuning LR learns nothing on MiniLM / Rotten Tomatoes, docs/design.md §4).
+        lora_plus_ratio: LoRA+ (Hayou et al., 2024): ``B`` trains at ``ratio × lora_lr`` in a group of
+            its own per layer, ``A`` at ``lora_lr`` (default ``None``: one LR for both).
+        init: how adapters start, ``"default"`` (B = 0) or ``"pissa"`` (the weight's principal
+            part, :class:`~adaptopt.LoRALinear`); whenever a layer enters LORA.
         train_other: whether non-target parameters (embeddings, norms, biases outside FULL
             blocks) train. Task heads train regardless (see ``trainable``).
         trainable: name patterns (regex over dotted name runs) of non-target parameters that
@@ -93,7 +97,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, lr: float = 1e-4, policy: Policy | str | Mapping[str, Any] = "lora", *,
                  lora_lr: float | None = None, rank: int | None = None, alpha: float | None = None,
                  dropout: float = 0.0,
-                 rslora: bool = False, targets: Targets = "auto", quantize: Any = None, train_other: bool = False,
+                 rslora: bool = False, targets: Targets = "auto", quantize: Any = None, init: str = "default",
+                 lora_plus_ratio: float | None = None, train_other: bool = False,
                  trainable: Iterable[str] = TASK_HEADS, frozen: Iterable[str] = (),
                  steps_per_epoch: int | None = None, nonfinite: str = "skip", process_group: Any = None,
                  **adamw_kwargs: Any) -> None:
@@ -103,6 +108,11 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{label} must be a finite number ≥ 0 (a float, not a string), got {value!r}")
         lora_lr = lr * LORA_LR_MULTIPLE if lora_lr is None else lora_lr
+        if lora_plus_ratio is not None and (isinstance(lora_plus_ratio, bool) or not isinstance(
+                lora_plus_ratio, (int, float)) or not math.isfinite(lora_plus_ratio) or lora_plus_ratio <= 0):
+            raise ValueError(f"lora_plus_ratio must be a finite number > 0 (LoRA+ uses e.g. 16) or None, "
+                             f"got {lora_plus_ratio!r}")
+        self.lora_plus_ratio = None if lora_plus_ratio is None else float(lora_plus_ratio)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int)
@@ -122,7 +132,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             else:
                 self.layers, swap = inject_with_undo(
                     model, targets, DEFAULT_RANK if rank is None else rank, DEFAULT_ALPHA if alpha is None else alpha,
-                    dropout=dropout, rslora=rslora, quantize=quantize if quantize is not None else self.policy.quantize)
+                    dropout=dropout, rslora=rslora, quantize=quantize if quantize is not None else self.policy.quantize,
+                    init=init)
             self._build(float(lr), float(lora_lr), TrainRules(bool(train_other), tuple(trainable)
                         + tuple(self.policy.trainable_extra()), tuple(frozen)), steps_per_epoch, nonfinite,
                         process_group, adamw_kwargs)
@@ -156,6 +167,9 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         for name in self.layers:
             self._roles += [("full", name), ("lora", name)]
             groups += [{"params": [], "lr": self.lr}, {"params": [], "lr": self.lora_lr}]
+            if self.lora_plus_ratio is not None:  # LoRA+: B in its own group, at ratio × lora_lr
+                self._roles.append(("lora_b", name))
+                groups.append({"params": [], "lr": self.lora_lr * self.lora_plus_ratio})
         self._group_of_role = {role: i for i, role in enumerate(self._roles)}
         defaults = {"lr": self.lr, **adamw_kwargs}
         super().__init__(groups, defaults)
@@ -318,9 +332,12 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         for hook in list(self._transition_hooks.values()):
             hook(self)
 
+    def plan(self, layouts: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What trains, and in which group, with the layers in ``layouts`` (default: as they are)."""
+        return plan_trainable(self.model, self.layers, self.rules, layouts, self.lora_plus_ratio is not None)
+
     def _reconcile(self) -> bool:
-        return reconcile(self.model, self.inner, self._group_of_role,
-                         plan_trainable(self.model, self.layers, self.rules))
+        return reconcile(self.model, self.inner, self._group_of_role, self.plan())
 
     def _name_of(self, p: nn.Parameter) -> str:
         return next((n for n, q in self.model.named_parameters() if q is p), f"<unnamed {tuple(p.shape)}>")

@@ -143,7 +143,7 @@ def validate_state_dict(opt: "AdaptiveOptimizer", sd: Mapping[str, Any]) -> dict
                                 f"{record.get('lr_scale')!r}")
     if not problems:
         expected = {pname: shape for pname, (_, shape) in
-                    plan_trainable(opt.model, opt.layers, opt.rules, layouts).items()}
+                    opt.plan(layouts).items()}
         amsgrad = bool(opt.defaults.get("amsgrad", False))
         for pname, values in sd["state"].items():
             if pname not in expected:

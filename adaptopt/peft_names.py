@@ -1,14 +1,8 @@
 """PEFT's argument names, accepted beside ours everywhere (docs/design.md §5).
 
-=================  ==========
-PEFT               adaptopt
-=================  ==========
-``r``              ``rank``
-``lora_alpha``     ``alpha``
-``lora_dropout``   ``dropout``
-``target_modules`` ``targets``
-``use_rslora``     ``rslora``
-=================  ==========
+PEFT → adaptopt: ``r`` → ``rank``, ``lora_alpha`` → ``alpha``, ``lora_dropout`` → ``dropout``,
+``target_modules`` → ``targets``, ``use_rslora`` → ``rslora``, ``init_lora_weights`` → ``init``
+(``True`` or ``"pissa"``).
 
 :func:`accepts_peft_names` lets a function take either spelling (both at once is an error);
 the Python API and the YAML configs go through it, so ``r=16`` means the same in both.
@@ -20,7 +14,7 @@ import inspect
 from typing import Any, Callable, Mapping, TypeVar
 
 PEFT_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
-              "use_rslora": "rslora"}
+              "use_rslora": "rslora", "init_lora_weights": "init"}
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._imports import require
-from .factors import factors_from_svd, lora_scaling, svd_dense
+from .factors import check_init, factors_from_svd, lora_scaling, svd_dense
 from .fused_quant import FusedQuantLoRALinear, can_fuse_quant
 from .lora import LoRALinear, is_quantized_linear, linear_geometry
 from .modes import Mode
@@ -114,7 +114,11 @@ class QuantLoRALinear(LoRALinear):
 
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  rslora: bool = False, *, mode: Mode | str = Mode.LORA,
-                 quantize: QuantConfig | str | Mapping[str, Any] = "nf4") -> None:
+                 quantize: QuantConfig | str | Mapping[str, Any] = "nf4", init: str = "default") -> None:
+        if check_init(init) != "default":
+            raise ValueError("init='pissa' moves the weight's principal part out of the base weight, but a 4-bit "
+                             "base is never rewritten (that would re-quantize it); use init='default' with quantize, "
+                             "or PiSSA on a plain base")
         config = QuantConfig.coerce(quantize)
         fan_in_fan_out = False
         if not is_quantized_linear(base):

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .lora import LoRALinear
     from .policies.base import LayerDecision
 
-Role = tuple[str, "str | None"]   # ("other", None), ("full", layer name) or ("lora", layer name)
+Role = tuple[str, "str | None"]   # ("other", None), ("full" | "lora" | "lora_b", layer name)
 OTHER: Role = ("other", None)
 
 
@@ -133,12 +133,14 @@ def full_blocks(layers: Mapping[str, "LoRALinear"], modes: Mapping[str, Mode]) -
 
 
 def plan_trainable(model: nn.Module, layers: Mapping[str, "LoRALinear"], rules: TrainRules,
-                   layouts: Mapping[str, Layout] | None = None) -> dict[str, tuple[Role, tuple[int, ...]]]:
+                   layouts: Mapping[str, Layout] | None = None, separate_b: bool = False
+                   ) -> dict[str, tuple[Role, tuple[int, ...]]]:
     """``{parameter name: (role, shape)}`` of everything that trains when every layer has its
     layout in ``layouts`` (default: their current layouts). Pure: nothing is changed.
 
-    A layer's trained tensors go to its ``("lora", name)`` or ``("full", name)`` role; the
-    parameters :class:`TrainRules` admits go to ``("other", None)``.
+    A layer's trained tensors go to its ``("lora", name)`` or ``("full", name)`` role — with
+    ``separate_b`` (LoRA+), ``lora_B`` to its own ``("lora_b", name)``; the parameters
+    :class:`TrainRules` admits go to ``("other", None)``.
     """
     layouts = {name: m.layout() for name, m in layers.items()} if layouts is None else layouts
     plan: dict[str, tuple[Role, tuple[int, ...]]] = {}
@@ -147,7 +149,8 @@ def plan_trainable(model: nn.Module, layers: Mapping[str, "LoRALinear"], rules: 
         role: Role = ("lora" if layout.mode is Mode.LORA else "full", name)
         for tensor, spec in layer_tensors(module, layout).items():
             if spec.trains:
-                plan[f"{name}.{tensor}"] = (role, spec.shape)
+                own = ("lora_b", name) if separate_b and role[0] == "lora" and tensor == "lora_B" else role
+                plan[f"{name}.{tensor}"] = (own, spec.shape)
     blocks = full_blocks(layers, {name: layout.mode for name, layout in layouts.items()})
     owned = {p for m in layers.values() for p in m.parameters()}
     for pname, p in model.named_parameters():
