@@ -10,7 +10,6 @@ import torch
 
 from .layout import Layout
 from .modes import Mode
-from .transitions import plan_trainable
 
 if TYPE_CHECKING:
     from .optimizer import AdaptiveOptimizer
