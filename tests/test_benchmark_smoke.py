@@ -1,5 +1,6 @@
-"""The cheap-score benchmark in small form (a tiny BERT, one repeat, one window): it runs and
-prints every figure it reports on MiniLM (tests/benchmarks/cheap_scores.py)."""
+"""Benchmarks in small form: the cheap-score benchmark (a tiny BERT, one repeat, one window) runs and
+prints every figure it reports on MiniLM (tests/benchmarks/cheap_scores.py); the GPU check stops
+cleanly on a machine without CUDA."""
 from __future__ import annotations
 
 import subprocess
@@ -20,3 +21,14 @@ def test_cheap_score_benchmark_runs_small(score):
     assert run.returncode == 0, run.stderr[-2000:]
     for figure in ("cheap scored", "exact scored", "× unscored", "Spearman(cheap, exact)", "blocks: min"):
         assert figure in run.stdout
+
+
+def test_the_gpu_check_stops_cleanly_without_cuda():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: scripts/gpu_check.sh runs the real thing")
+    run = subprocess.run([sys.executable, str(BENCHMARK.parent / "gpu_step_time.py")], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and "no CUDA device" in run.stdout
+    script = BENCHMARK.parents[2] / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # parses; its gpu tests skip here

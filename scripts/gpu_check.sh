@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One command on a GPU machine: do the CUDA paths work, and what do they cost?
+# Sets up .venv (torch==2.13.0 from PyPI is its CUDA build there), runs exactly the tests marked
+# `gpu` (fused nodes in bf16/fp16, autocast, bitsandbytes' CUDA 4-bit kernels, DDP over NCCL when
+# two GPUs exist), then the GPU step-time benchmark, which prints LoRA/full and QLoRA/LoRA ratios.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if ! .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: torch sees no CUDA device here (torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'));"
+  echo "run this on a GPU machine with a CUDA build of torch"
+  exit 2
+fi
+.venv/bin/python -m pytest -m gpu -v -rs tests/test_gpu.py
+.venv/bin/python tests/benchmarks/gpu_step_time.py
