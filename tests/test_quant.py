@@ -149,9 +149,10 @@ def test_wraps_an_existing_bitsandbytes_layer_and_a_bf16_compute_dtype():
     randomize_adapter(module)
     x = torch.randn(3, 32, dtype=torch.bfloat16)
     before = module(x)
+    bound = 8 * torch.finfo(torch.bfloat16).eps * abs_scale(x, module)  # bf16 roundings, on each path
     module.set_mode(Mode.FULL)
     assert module.delta.dtype == torch.bfloat16
-    torch.testing.assert_close(module(x), before, rtol=0.02, atol=0.02)
+    assert bool(((module(x).float() - before.float()).abs() <= bound).all())
 
 
 def test_plain_lora_refuses_a_quantized_base():
