@@ -12,11 +12,19 @@ collectives (nothing is pickled):
 
 Wrappers that hook parameters when they are built (DDP) must be rebuilt after a transition;
 see :class:`adaptopt.integrations.ddp.AdaptiveDDP`.
+
+Under FSDP2 (``fully_shard``) the base weights are sharded and FSDP reduce-scatters their
+gradients; LoRA factors started after sharding are plain tensors *replicated* on every rank
+(docs/design.md §8). Two more collectives keep them so: a new factor is broadcast from rank 0
+when a transition makes it (:func:`broadcast_parameters`), and every replicated trainable
+parameter's gradient is averaged over the ranks as soon as backward has accumulated it
+(:class:`ReplicatedGradients`), so clipping, scores and AdamW all see the global gradient.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from functools import partial
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -78,3 +86,51 @@ def broadcast_decisions(decisions: Mapping[str, LayerDecision], layer_names: Seq
             agreed[name] = LayerDecision(modes[int(code)], int(rank) or None,
                                          None if math.isnan(scale) else scale)
     return agreed
+
+
+def all_ranks_agree(flag: bool, group: Any) -> bool:
+    """``flag`` on every rank of ``group`` (a logical AND over the ranks)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=_comm_device(group))
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN, group=group)
+    return bool(value.item() == 1.0)
+
+
+def broadcast_parameters(params: Iterable[torch.Tensor], group: Any, src: int = 0) -> None:
+    """Overwrite ``params`` on every rank of ``group`` with rank ``src``'s values, in place."""
+    device = _comm_device(group)
+    with torch.no_grad():
+        for p in params:
+            buffer = p.detach().to(device)
+            torch.distributed.broadcast(buffer, src=torch.distributed.get_global_rank(group, src), group=group)
+            p.copy_(buffer)
+
+
+def _average_gradient(p: torch.Tensor, group: Any) -> None:
+    buffer = p.grad.to(_comm_device(group))
+    torch.distributed.all_reduce(buffer, group=group)
+    p.grad.copy_(buffer.div_(torch.distributed.get_world_size(group)))
+
+
+class ReplicatedGradients:
+    """Average the gradients of replicated parameters over a group, each as soon as backward
+    has accumulated it (``register_post_accumulate_grad_hook``): ``g ← (1/R) Σ_ranks g``, the
+    mean FSDP2 gives its sharded weights. Ranks run the same graph, so the hooks fire, and
+    the all-reduces run, in the same order everywhere. With gradient accumulation each
+    micro-batch averages the running sum; what earlier micro-batches added is already equal
+    on every rank, so the result is the same mean."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+        self.watched: list[torch.Tensor] = []
+
+    def watch(self, params: Iterable[torch.Tensor], group: Any) -> None:
+        """Average exactly these parameters' gradients from now on (replacing earlier ones)."""
+        self.clear()
+        self.watched = list(params)
+        self._handles = [p.register_post_accumulate_grad_hook(partial(_average_gradient, group=group))
+                         for p in self.watched]
+
+    def clear(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.watched = [], []

@@ -24,9 +24,13 @@ over one optimizer step, estimated from what backward computes anyway (docs/desi
 
 Each sum is over the micro-batches of one optimizer step *before* the norm (the step's own
 gradient), read from per-micro-batch hooks on the trained tensors, so gradient clipping (which
-scales only what the optimizer sees) does not enter. FULL layers keep a weight-sized sum for
-this, LoRA layers a ``B``-sized one, frozen layers ``out × k``. Probe matrices are drawn from a
-private generator seeded by (window, layer, step in window): a resumed run draws the same ones.
+scales only what the optimizer sees) does not enter. Under FSDP2 (``group`` set) the estimates
+are those of one process on the global batch: a sharded weight's gradient is read once FSDP has
+reduce-scattered it (``‖G‖² = Σ_ranks ‖G_rank‖²``), and the other sums (``∂B``, ``δᵀ(xZ)``,
+the same probes on every rank) are averaged over the ranks before their norms are taken.
+FULL layers keep a weight-sized sum for this, LoRA layers a ``B``-sized one, frozen layers
+``out × k``. Probe matrices are drawn from a private generator seeded by (window, layer, step
+in window): a resumed run draws the same ones.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from typing import Mapping
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from .sharded import is_sharded, local_tensor
 
 PROBES = 16
 
@@ -56,6 +62,8 @@ class StepGradients:
         self.seed = 0
         self.draw: dict[str, int] = dict.fromkeys(self.modules, 0)
         self._handles: list[RemovableHandle] = []
+        self.group = None  # FSDP2's process group: estimates of the global batch (see above)
+        self.sharded_sums: set[str] = set()  # layers whose sum is this rank's shard of a reduced gradient
 
     def arm(self, seed: int, draws: Mapping[str, int], skip_frozen: bool = False) -> None:
         """Hook every layer as its current mode needs (call again after a transition). Probes
@@ -69,7 +77,9 @@ class StepGradients:
             kind = module.mode.value
             if kind == "full":
                 weight = trained.get("delta", trained.get("base.weight"))
-                if weight is not None:
+                if weight is not None and is_sharded(weight):  # FSDP2 reduces it outside autograd
+                    self._handles.append(weight.register_post_accumulate_grad_hook(self._keep_shard(name)))
+                elif weight is not None:
                     self._handles.append(weight.register_hook(self._accumulate(name)))
             elif kind == "lora":
                 self._handles.append(module.lora_B.register_hook(self._accumulate(name)))
@@ -88,6 +98,12 @@ class StepGradients:
         def hook(grad: torch.Tensor) -> None:  # a Conv1D weight is (in, out): the norm is the same
             g = grad.detach().float()
             self.sums[name] = g if name not in self.sums else self.sums[name] + g
+        return hook
+
+    def _keep_shard(self, name: str):
+        def hook(param: torch.Tensor) -> None:  # .grad already sums this step's micro-batches
+            self.sums[name] = local_tensor(param.grad).detach().float().clone()
+            self.sharded_sums.add(name)
         return hook
 
     def _probes(self, name: str, in_features: int, device: torch.device) -> torch.Tensor:
@@ -112,10 +128,14 @@ class StepGradients:
         """``{layer: ĝ²}`` for the step just finished (layers that saw no gradient are left out);
         the sums are cleared and the next step draws new probes."""
         estimates = {}
-        for name in {**self.sums, **self.probe_sums}:
+        names = sorted(set(self.sums) | set(self.probe_sums), key=self.index.__getitem__)
+        shard_sq = self._reduce_over_ranks(names) if self.group is not None else {}
+        for name in names:
             module = self.modules[name]
             probed = self.probe_sums[name].square().sum() if name in self.probe_sums else None
-            if name not in self.sums:
+            if name in shard_sq:
+                estimates[name] = shard_sq[name]
+            elif name not in self.sums:
                 estimates[name] = probed
             elif module.mode.value == "lora":
                 a = module.lora_A.detach().float()
@@ -129,6 +149,26 @@ class StepGradients:
         self.discard()
         return estimates
 
+    def _reduce_over_ranks(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Average the replicated sums over ``group`` in place; return ``‖G‖²`` of the sharded ones
+        (their shards' squared norms summed over the ranks). Two collectives, same order everywhere."""
+        import torch.distributed as dist
+        sharded = [n for n in names if n in self.sharded_sums and n in self.sums]
+        averaged = [(table, n) for n in names for table in (self.sums, self.probe_sums)
+                    if n in table and not (table is self.sums and n in self.sharded_sums)]
+        if averaged:
+            flat = torch.cat([table[n].reshape(-1) for table, n in averaged])
+            dist.all_reduce(flat, group=self.group)
+            flat /= dist.get_world_size(self.group)
+            for (table, n), part in zip(averaged, flat.split([table[n].numel() for table, n in averaged])):
+                table[n] = part.view_as(table[n])
+        if not sharded:
+            return {}
+        squares = torch.stack([self.sums[n].square().sum() for n in sharded])
+        dist.all_reduce(squares, group=self.group)
+        return dict(zip(sharded, squares))
+
     def discard(self) -> None:
         self.sums.clear()
         self.probe_sums.clear()
+        self.sharded_sums.clear()

@@ -32,6 +32,7 @@ from .fused import FusedLoRALinear, can_fuse
 from .layout import Layout, implied_by_state_dict
 from .modes import Mode
 from .quant_config import QuantConfig
+from .sharded import gathered, is_sharded, local_part, local_tensor, with_sharding_of
 from .state_dict_names import holds_full_layer_state, read_plain_names, write_plain_names
 from .transitions import layer_tensors, sync_layer_requires_grad
 
@@ -48,11 +49,6 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and hasattr(module.weight, "quant_state")
 
 
-def is_sharded(t: torch.Tensor) -> bool:
-    """An FSDP2 ``DTensor`` parameter (duck-typed: torch.distributed may be absent)."""
-    return hasattr(t, "full_tensor")
-
-
 def linear_geometry(module: nn.Module) -> tuple[int, int, bool]:
     """``(in_features, out_features, fan_in_fan_out)`` of a linear-like module, or a ``TypeError``."""
     if isinstance(module, nn.Linear):
@@ -62,6 +58,11 @@ def linear_geometry(module: nn.Module) -> tuple[int, int, bool]:
     raise TypeError(
         f"adaptopt adapts nn.Linear and GPT-2-style Conv1D layers, not {type(module).__name__}; "
         "narrow `targets` to linear layers")
+
+
+def _rounded_sum(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``W + ΔW`` summed in :func:`compute_dtype` and rounded once to ``W``'s dtype."""
+    return (weight.to(compute_dtype(weight.dtype, delta.dtype)) + delta.to(weight.device)).to(weight.dtype)
 
 
 class LoRALinear(nn.Module):
@@ -213,28 +214,19 @@ class LoRALinear(nn.Module):
         Used by the weight-only scores (SNR, SVD / CE / CS, norms) whatever the mode.
         """
         with torch.no_grad():
-            weight = self.base.weight.detach()
-            if is_sharded(weight):
-                weight = weight.full_tensor()  # FSDP2: every rank gathers the whole weight
-            weight = weight.float()
+            weight = gathered(self.base.weight.detach()).float()  # FSDP2: every rank gathers the whole weight
             weight = weight.T if self.fan_in_fan_out else weight
             delta = None if self.merged else self._learned_delta()
             return weight if delta is None else weight + delta.float()
 
     def check_transition(self, mode: Mode | str, rank: int | None = None) -> None:
-        """Raise ``ValueError`` if :meth:`set_mode` could not make this move (non-finite update,
-        or LoRA factors on an FSDP2-sharded weight); changes nothing."""
+        """Raise ``ValueError`` if :meth:`set_mode` could not make this move (a non-finite
+        update); changes nothing."""
         mode = Mode.coerce(mode)
         rank = self.rank if rank is None else rank
         if (mode, rank) == (self._mode, self.rank):
             return
         self._check_finite(self._learned_delta(), f"move to {mode.value} (rank {rank})")
-        if is_sharded(self.base.weight) and (mode is Mode.LORA or self.lora_A is not None):
-            raise ValueError(
-                f"cannot move layer {self._name()!r} to {mode.value}: its weight is sharded by FSDP2, and LoRA "
-                "factors started or folded after fully_shard() would not be sharded. Under FSDP2 only FROZEN ↔ "
-                "FULL moves work (policies full, frozen, spectrum, topk, layerwise_lr); for LoRA policies use "
-                "DDP (adaptopt.integrations.ddp.AdaptiveDDP).")
 
     def _name(self) -> str:
         return self.target.name if self.target is not None else type(self).__name__
@@ -248,26 +240,28 @@ class LoRALinear(nn.Module):
 
     def _add_to_base_weight(self, delta: torch.Tensor) -> None:
         """``W ← W + ΔW`` in place (fp32 or fp64 arithmetic, one rounding), keeping the Parameter's identity.
-        An all-zero ``ΔW`` (a fresh adapter) leaves ``W`` untouched, and unmarked as changed."""
+        An all-zero ``ΔW`` (a fresh adapter) leaves ``W`` untouched, and unmarked as changed. A
+        weight sharded by FSDP2 takes its own rows of ``ΔW`` on each rank (:mod:`adaptopt.sharded`)."""
         if not bool(delta.any()):
             return
         w = self.base.weight
         mark_changed(w)
         with torch.no_grad():
-            w.copy_((w.to(compute_dtype(w.dtype, delta.dtype)) + self._to_base_layout(delta).to(w.device)).to(w.dtype))
+            stored = local_tensor(w)
+            stored.copy_(_rounded_sum(stored, self._rows_held(self._to_base_layout(delta))))
 
     def merged_weight(self) -> torch.Tensor:
         """``W + ΔW`` in the base layer's own layout and dtype (what a merged export holds), summed
         in :func:`compute_dtype` and rounded once."""
         with torch.no_grad():
-            weight = self.base.weight.detach()
-            if is_sharded(weight):
-                weight = weight.full_tensor()
+            weight = gathered(self.base.weight.detach())
             delta = None if self.merged else self._learned_delta()
-            if delta is None:
-                return weight
-            total = weight.to(compute_dtype(weight.dtype, delta.dtype)) + self._to_base_layout(delta)
-            return total.to(weight.dtype)
+            return weight if delta is None else _rounded_sum(weight, self._to_base_layout(delta))
+
+    def _rows_held(self, full: torch.Tensor) -> torch.Tensor:
+        """The part of ``full`` (base layout) matching what this rank stores of the base weight."""
+        weight = self.base.weight
+        return local_part(weight, full) if is_sharded(weight) else full
 
     # ---------------------------------------------------------------- merge for inference
     def mark_merged_from_load(self) -> None:
@@ -358,7 +352,7 @@ class LoRALinear(nn.Module):
             self._set_factors(*fresh_factors(self.in_features, self.out_features, rank,
                                              dtype=self._weight_dtype(), device=self._weight_device()))
             return
-        weight = self.base.weight.detach()
+        weight = gathered(self.base.weight.detach())
         weight = weight.T if self.fan_in_fan_out else weight
         scaling = lora_scaling(self.alpha, rank, self.rslora)
         a, b = pissa_factors(weight, rank, scaling, dtype=self._weight_dtype(), device=self._weight_device())
@@ -432,8 +426,13 @@ class LoRALinear(nn.Module):
         weight itself: ``W + s·BA`` for unmerged factors (:mod:`adaptopt.state_dict_names`)."""
         if self.lora_A is None or self.merged:
             return None
-        with torch.no_grad():
-            return self.merged_weight().contiguous()
+        weight = self.base.weight.detach()
+        if not is_sharded(weight):
+            with torch.no_grad():
+                return self.merged_weight().contiguous()
+        with torch.no_grad():  # FSDP2: each rank writes its own rows, sharded as the weight is
+            local = _rounded_sum(local_tensor(weight), self._rows_held(self._to_base_layout(self._learned_delta())))
+        return with_sharding_of(weight, local.contiguous())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         """Read the plain names (:mod:`adaptopt.state_dict_names`), take the structure a full

@@ -25,7 +25,14 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .distributed import active_group, all_reduce_stats, broadcast_decisions
+from .distributed import (
+    ReplicatedGradients,
+    active_group,
+    all_ranks_agree,
+    all_reduce_stats,
+    broadcast_decisions,
+    broadcast_parameters,
+)
 from .inject import DEFAULT_ALPHA, DEFAULT_RANK, Targets, find_adapters, inject_with_undo, warn_if_rewrapped
 from .layer_stats import StatsCollector
 from .layout import RestorePoint
@@ -35,6 +42,7 @@ from .optimizer_state import optimizer_state, restore_optimizer_state
 from .peft_names import PEFT_NAMES, accepts_peft_names
 from .policies import LayerDecision, LayerView, Policy, build_policy
 from .scores import FAMILY_KEYS, weight_scores
+from .sharded import is_sharded, local_tensor, refuse_sharded_4bit
 from .summary import layer_table, one_line
 from .transitions import TrainRules, apply_decisions, check_consistency, plan_trainable, reconcile
 
@@ -160,6 +168,10 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self.score_log: list[dict[str, Any]] = []
         self.last_check: dict[str, Any] = {}
         self.process_group = process_group
+        self._sharded = any(is_sharded(p) for p in self.model.parameters())  # FSDP2 (fully_shard) came first
+        refuse_sharded_4bit({name: m.base.weight for name, m in self.layers.items()
+                             if getattr(m, "quant_config", None) is not None})
+        self._replicated = ReplicatedGradients()
         self._transition_hooks: OrderedDict[int, Callable[["AdaptiveOptimizer"], None]] = OrderedDict()
 
         self._roles: list[tuple[str, str | None]] = [("other", None)]
@@ -181,6 +193,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         wanted = self.policy.statistics()
         self.collector = StatsCollector(self.layers, gradient=wanted.gradient, activations=wanted.activations,
                                         frozen_layers=wanted.frozen_layers)
+        if self.collector.step_gradients is not None:
+            self.collector.step_gradients.group = self._fsdp_group()  # FSDP2: scores of the global batch
         self._refresh_weight_scores(0)
         self._apply(self._agreed(self.policy.initial(self.views(), self.scores)), reason="initial")
         self._arm_for(1)
@@ -207,10 +221,12 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
     def _grads_finite(self) -> bool:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return True
-        return bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)])).all())
+        """Are all gradients finite? Under FSDP2 each rank checks its shards and the ranks agree
+        (a NaN lands in one rank's shard only; every rank must skip the step alike)."""
+        grads = [local_tensor(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        finite = not grads or bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)])).all())
+        group = self._fsdp_group()
+        return finite if group is None else all_ranks_agree(finite, group)
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
         """One AdamW update with per-layer LR scales, then the policy's decision if due.
@@ -230,7 +246,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         if self.nonfinite != "ignore" and not self._grads_finite():
             if self.nonfinite == "raise":
                 bad = [self._name_of(p) for g in self.param_groups for p in g["params"]
-                       if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+                       if p.grad is not None and not bool(torch.isfinite(local_tensor(p.grad)).all())]
                 raise FloatingPointError(f"non-finite gradients in {bad[:8]}: lower the LR, clip gradients or "
                                          "use a GradScaler; nothing was updated")
             self.skipped_steps += 1
@@ -311,10 +327,15 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
     def _apply(self, decisions: Mapping[str, LayerDecision], reason: str) -> None:
         """Carry decisions out (:func:`~adaptopt.transitions.apply_decisions`), log them, and
         make the trained set follow (:func:`~adaptopt.transitions.reconcile`)."""
-        for record in apply_decisions(self.layers, decisions, self.lr_scales):
+        records = apply_decisions(self.layers, decisions, self.lr_scales)
+        for record in records:
             self.history.append({"step": self.step_count, "layer": record["layer"], "reason": reason,
                                  **{k: v for k, v in record.items() if k != "layer"},
                                  "scores": dict(self.scores.get(record["layer"], {}))})
+        group = self._fsdp_group()
+        if group is not None:  # factors a transition made start alike on every rank
+            broadcast_parameters([p for r in records for p in self.layers[r["layer"]].parameters()
+                                  if not is_sharded(p)], group)
         if self._reconcile():
             self._run_transition_hooks()
         self.check_consistency()
@@ -337,7 +358,15 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         return plan_trainable(self.model, self.layers, self.rules, layouts, self.lora_plus_ratio is not None)
 
     def _reconcile(self) -> bool:
-        return reconcile(self.model, self.inner, self._group_of_role, self.plan())
+        changed = reconcile(self.model, self.inner, self._group_of_role, self.plan())
+        group = self._fsdp_group()
+        if changed and group is not None:
+            self._replicated.watch([p for g in self.param_groups for p in g["params"] if not is_sharded(p)], group)
+        return changed
+
+    def _fsdp_group(self) -> Any | None:
+        """The group FSDP2 shards this model over, when it does (docs/design.md §8)."""
+        return active_group(self.process_group) if self._sharded else None
 
     def _name_of(self, p: nn.Parameter) -> str:
         return next((n for n, q in self.model.named_parameters() if q is p), f"<unnamed {tuple(p.shape)}>")

@@ -95,7 +95,7 @@ def apply_decisions(layers: Mapping[str, "LoRALinear"], decisions: Mapping[str, 
     whose mode, rank or LR scale changed (``from_*`` and new values).
 
     Every changing layer is checked before any moves, so a refused decision (an unknown
-    layer, a non-finite update, a LoRA move on a sharded weight) raises ``ValueError`` and
+    layer, a non-finite update) raises ``ValueError`` and
     changes nothing.
     """
     unknown = sorted(set(decisions) - set(layers))

@@ -7,9 +7,17 @@ Scenarios (one launch, to pay the process start-up once):
   only the rebuild's broadcast makes them agree) and promotes a block; AdaptiveDDP.
 - ``automode``: AutoMode deciding from gradient scores each rank measures on different data.
 - ``plain_ddp``: the scheduled run under a DDP built once (the failure AdaptiveDDP prevents).
-- ``fsdp2_toggle``: FSDP2 (``fully_shard`` per block), blocks moving FROZEN ↔ FULL at step 3,
-  then a refused move to LORA.
+- ``fsdp2_toggle``: FSDP2 (``fully_shard`` per block), blocks moving FROZEN ↔ FULL at step 3.
 - ``fsdp2_spectrum``: Spectrum choosing FULL blocks from SNR computed on sharded weights.
+- ``fsdp2_lora``: static LoRA on sharded base weights (replicated factors).
+- ``fsdp2_every``: every transition on sharded weights (LORA → FULL / FROZEN folds, FROZEN /
+  FULL → LORA starts, rank growth and cut), then ``merge()`` of every layer.
+- ``fsdp2_resume``: ``fsdp2_every`` stopped after step 3, saved (model and optimizer state dicts),
+  rebuilt from scratch, loaded and continued.
+- ``fsdp2_automode``: AutoMode over sharded weights, deciding from scores on different data.
+- ``fsdp2_pissa``: PiSSA adapters started on sharded weights (the SVD of the gathered weight,
+  each rank keeping its rows of the residual).
+- ``fsdp2_4bit``: a 4-bit model under fully_shard: the optimizer refuses it, naming the layers.
 """
 from __future__ import annotations
 
@@ -23,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adaptopt import AdaptiveOptimizer, LayerDecision, Mode, Policy, inject_adapters  # noqa: E402
 
-SCENARIOS = ("scheduled", "automode", "plain_ddp", "fsdp2_toggle", "fsdp2_spectrum")
+SCENARIOS = ("scheduled", "automode", "plain_ddp", "fsdp2_toggle", "fsdp2_spectrum", "fsdp2_lora", "fsdp2_every",
+             "fsdp2_resume", "fsdp2_automode", "fsdp2_pissa", "fsdp2_4bit")
 STEPS = 6
 BATCH = 8  # global batch; each of 2 ranks gets 4 rows
 RANK_SEED = 1000
@@ -62,11 +71,41 @@ class Toggle(Policy):
         return {n: LayerDecision(Mode.FULL if "layer.0." in n else Mode.FROZEN) for n in layers}
 
 
+class EveryMove(Policy):
+    """Every kind of move, on sharded weights: block 0 LORA r2 and block 1 FROZEN except its
+    output.dense (FULL); at step 2 block 0's attention LORA → FULL, its intermediate r2 → r4
+    (growth), its output.dense r2 → r1 (a cut: the remainder folds into W), block 1's query
+    FROZEN → LORA and its output.dense FULL → LORA; at step 4 block 0's attention FULL → LORA,
+    its intermediate LORA → FROZEN, block 1's query LORA → FULL."""
+
+    method = "every_move"
+
+    def initial(self, layers, scores):
+        return {n: LayerDecision(Mode.LORA if "layer.0." in n else Mode.FULL if n.endswith("layer.1.output.dense")
+                                 else Mode.FROZEN) for n in layers}
+
+    def is_decision_step(self, step, steps_per_epoch):
+        return step in (2, 4)
+
+    def decide(self, layers, scores, step, steps_per_epoch):
+        if step == 2:
+            moves = {"layer.0.attention": LayerDecision(Mode.FULL), "layer.0.intermediate": LayerDecision(Mode.LORA, 4),
+                     "layer.0.output.dense": LayerDecision(Mode.LORA, 1),
+                     "layer.1.attention.self.query": LayerDecision(Mode.LORA, 2),
+                     "layer.1.output.dense": LayerDecision(Mode.LORA, 2)}
+        else:
+            moves = {"layer.0.attention": LayerDecision(Mode.LORA, 2),
+                     "layer.0.intermediate": LayerDecision(Mode.FROZEN),
+                     "layer.1.attention.self.query": LayerDecision(Mode.FULL)}
+        return {n: d for n in layers for part, d in moves.items() if f".{part}." in f"{n}."}
+
+
 def build_model() -> torch.nn.Module:
     import transformers
     torch.manual_seed(0)
+    # intermediate_size 33: FSDP2 splits the intermediate weight unevenly (17 + 16 rows)
     config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=64, num_labels=2,
+                                     intermediate_size=33, max_position_embeddings=64, num_labels=2,
                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     # float64: the parity checks compare DDP with one process, and Adam (lr·m/√v) turns a float32
     # difference in summation order on a near-zero gradient into a visible step (3.5e-5 measured
@@ -85,25 +124,33 @@ def make_optimizer(model: torch.nn.Module, scenario: str) -> AdaptiveOptimizer:
         return AdaptiveOptimizer(model, lr=1e-2, policy=Toggle())
     if scenario == "fsdp2_spectrum":
         return AdaptiveOptimizer(model, lr=1e-2, policy={"method": "spectrum", "top_percent": 50})
-    if scenario == "automode":
+    if scenario in ("fsdp2_lora", "fsdp2_pissa", "fsdp2_4bit"):
+        return AdaptiveOptimizer(model, lr=1e-2, policy="lora")
+    if scenario in ("fsdp2_every", "fsdp2_resume"):
+        return AdaptiveOptimizer(model, lr=1e-2, policy=EveryMove())
+    if scenario in ("automode", "fsdp2_automode"):
         policy = {"method": "automode", "u": 2, "t": 50, "bottom": 0, "rank": 2, "score_steps": 1}
-        return AdaptiveOptimizer(model, lr=1e-2, policy=policy, rank=2, steps_per_epoch=STEPS // 2)
+        return AdaptiveOptimizer(model, lr=1e-2, policy=policy, rank=None if scenario.startswith("fsdp2") else 2,
+                                 steps_per_epoch=STEPS // 2)
     return AdaptiveOptimizer(model, lr=1e-2, policy=Scheduled(), rank=2)
 
 
-def train(scenario: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-    """Train and return every parameter, the loss per step and the layer modes (as codes)."""
+def build(scenario: str, rank: int, world: int) -> tuple[torch.nn.Module, AdaptiveOptimizer, torch.nn.Module]:
+    """The model (sharded per block under FSDP2), its optimizer and what runs the batches."""
     model = build_model()
     fsdp = scenario.startswith("fsdp2")
     if fsdp:  # adapters exist before sharding; the optimizer is built on the sharded model
-        inject_adapters(model, mode=Mode.FROZEN)
+        options = {"pissa": {"init": "pissa"}, "4bit": {"quantize": "nf4"}}.get(scenario.split("_")[1], {})
+        if scenario == "fsdp2_4bit":
+            model = model.float()  # bitsandbytes quantizes float32 / bf16 weights
+        inject_adapters(model, mode=Mode.FROZEN, rank=2, alpha=3.0, **options)
         if world > 1:
             from torch.distributed.fsdp import fully_shard
             for block in model.bert.encoder.layer:
                 fully_shard(block)
             fully_shard(model)
-    opt = make_optimizer(model, scenario)
     torch.manual_seed(RANK_SEED + rank)  # factors started later differ per rank unless synchronised
+    opt = make_optimizer(model, scenario)
     if fsdp:
         runner = model
     elif world > 1 and scenario == "plain_ddp":
@@ -113,30 +160,63 @@ def train(scenario: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tenso
         runner = AdaptiveDDP(model, opt)
     else:
         runner = model
+    return model, opt, runner
+
+
+def run_steps(runner: torch.nn.Module, opt: AdaptiveOptimizer, steps: list, rank: int, world: int) -> list:
     shard = BATCH // world
     losses = []
-    for tokens, labels in batches():
+    for tokens, labels in steps:
         rows = slice(rank * shard, (rank + 1) * shard)
         loss = runner(input_ids=tokens[rows], labels=labels[rows]).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.detach())
-    result = {}
-    if fsdp and world > 1:
-        name = next(iter(opt.layers))
-        modes = [m.mode for m in opt.layers.values()]
+    return losses
+
+
+def _copy(value):
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value.detach().clone() if torch.is_tensor(value) else value
+
+
+def train(scenario: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """Train and return every parameter, the loss per step and the layer modes (as codes)."""
+    if scenario == "fsdp2_4bit":
         try:
-            opt.apply({name: Mode.LORA})
-            refused = 0
+            build(scenario, rank, world)
+            return {"refused": torch.tensor(0)}
         except ValueError as err:
-            refused = int("FSDP2" in str(err) and modes == [m.mode for m in opt.layers.values()])
-        result["lora_refused"] = torch.tensor(refused)
+            return {"refused": torch.tensor(int(world > 1 and "4-bit layers were sharded" in str(err)))}
+    model, opt, runner = build(scenario, rank, world)
+    data = batches()
+    if scenario == "fsdp2_resume":
+        losses = run_steps(runner, opt, data[:3], rank, world)
+        saved_model, saved_opt, saved_rng = _copy(model.state_dict()), _copy(opt.state_dict()), torch.get_rng_state()
+        del model, opt, runner
+        model, opt, runner = build(scenario, rank, world)
+        torch.manual_seed(RANK_SEED + 7 * rank + 1)  # the restored factors must come from the checkpoint
+        opt.load_state_dict(saved_opt)  # modes first (factors of the saved ranks), then the weights
+        model.load_state_dict(saved_model)
+        torch.set_rng_state(saved_rng)  # as Trainer / Lightning checkpoints do: later fresh factors match
+        losses += run_steps(runner, opt, data[3:], rank, world)
+    else:
+        losses = run_steps(runner, opt, data, rank, world)
+    result = {}
+    if scenario in ("fsdp2_every", "fsdp2_resume"):
+        for name, layer in opt.layers.items():
+            layer.merge()  # folds into the sharded weight; PEFT refuses this under FSDP
+            result[f"merged/{name}"] = layer.merged_weight().detach().clone()
     result.update({f"param/{n}": (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                    for n, p in model.named_parameters()})
     result["losses"] = torch.stack(losses)
     result["modes"] = torch.tensor([list(Mode).index(m.mode) * 100 + m.rank for m in opt.layers.values()])
     result["rebuilds"] = torch.tensor(getattr(runner, "rebuilds", -1))
+    result["moves"] = torch.tensor(sum(h["reason"] == "decision" for h in opt.history))
     return result
 
 

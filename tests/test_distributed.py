@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
+from adaptopt import Mode  # noqa: E402
 from tests import distributed_worker  # noqa: E402
 from tests.helpers import torchrun  # noqa: E402
 
@@ -73,17 +74,80 @@ def test_a_ddp_built_once_lets_ranks_drift_after_a_transition(ranks):
     assert drift > 1e-3
 
 
+def _assert_matches_one_process(r0: dict, r1: dict, single: dict) -> None:
+    assert torch.equal(r0["modes"], r1["modes"]) and torch.equal(r0["modes"], single["modes"])
+    compared = [k for k in single if k.startswith(("param/", "merged/"))]
+    assert set(compared) == {k for k in r0 if k.startswith(("param/", "merged/"))}
+    for name in compared:
+        assert torch.equal(r0[name], r1[name]), f"ranks differ at {name}"
+        diff = float((single[name] - r0[name]).abs().max())
+        assert diff <= 1e-5, f"{name}: FSDP2 vs single process differ by {diff:.2e}"
+    assert torch.allclose((r0["losses"] + r1["losses"]) / 2, single["losses"], atol=1e-5)
+
+
 @pytest.mark.parametrize("scenario", ["fsdp2_toggle", "fsdp2_spectrum"])
 def test_fsdp2_frozen_full_moves_match_one_process(ranks, scenario):
     """FSDP2 reduce-scatters whatever has a gradient: FROZEN ↔ FULL moves of existing weights
     keep ranks identical and equal to one process; Spectrum scores the gathered weights."""
     r0, r1 = _load(ranks, scenario)
-    single = distributed_worker.train(scenario)
-    assert torch.equal(r0["modes"], r1["modes"]) and torch.equal(r0["modes"], single["modes"])
+    _assert_matches_one_process(r0, r1, distributed_worker.train(scenario))
     assert len(set((r0["modes"] // 100).tolist())) == 2  # some FULL, some FROZEN
-    for name in _params(single):
-        assert torch.equal(r0[name], r1[name]), f"ranks differ at {name}"
-        diff = float((single[name] - r0[name]).abs().max())
-        assert diff <= 1e-5, f"{name}: FSDP2 vs single process differ by {diff:.2e}"
-    assert torch.allclose((r0["losses"] + r1["losses"]) / 2, single["losses"], atol=1e-5)
-    assert int(r0["lora_refused"]) == 1  # LoRA under FSDP2: a clear error, nothing changed
+
+
+def test_fsdp2_static_lora_on_sharded_weights_matches_one_process(ranks):
+    """Replicated factors on sharded bases: started alike, gradients averaged over the ranks."""
+    r0, r1 = _load(ranks, "fsdp2_lora")
+    _assert_matches_one_process(r0, r1, distributed_worker.train("fsdp2_lora"))
+    assert set((r0["modes"] // 100).tolist()) == {list(Mode).index(Mode.LORA)}
+    initial = distributed_worker.build_model().state_dict()
+    assert torch.equal(r0["param/bert.encoder.layer.0.attention.self.query.base.weight"],
+                       initial["bert.encoder.layer.0.attention.self.query.weight"])  # the base stayed frozen
+    assert float(r0["param/bert.encoder.layer.0.attention.self.query.lora_B"].abs().max()) > 1e-3  # B trained
+
+
+def test_fsdp2_pissa_on_sharded_weights_matches_one_process(ranks):
+    """PiSSA's SVD reads the gathered weight; each rank keeps its rows of the residual."""
+    r0, r1 = _load(ranks, "fsdp2_pissa")
+    _assert_matches_one_process(r0, r1, distributed_worker.train("fsdp2_pissa"))
+    initial = distributed_worker.build_model().state_dict()
+    assert not torch.equal(r0["param/bert.encoder.layer.0.attention.self.query.base.weight"],
+                           initial["bert.encoder.layer.0.attention.self.query.weight"])  # the residual W − s·BA
+
+
+def test_fsdp2_refuses_4bit_bases_by_name(ranks):
+    r0, r1 = _load(ranks, "fsdp2_4bit")
+    assert int(r0["refused"]) == 1 and int(r1["refused"]) == 1
+
+
+def test_fsdp2_every_transition_and_merge_match_one_process(ranks):
+    """LORA → FULL / FROZEN fold into each rank's rows; FROZEN / FULL → LORA start replicated
+    factors (rank-specific RNG: only the broadcast makes them agree); rank growth and a cut
+    whose remainder folds into the shards; then merge() of every layer on sharded weights."""
+    r0, r1 = _load(ranks, "fsdp2_every")
+    single = distributed_worker.train("fsdp2_every")
+    _assert_matches_one_process(r0, r1, single)
+    layers = [n[len("merged/"):] for n in single if n.startswith("merged/")]  # the optimizer's layer order
+    ranks_by_layer = dict(zip(layers, (r0["modes"] % 100).tolist()))
+    assert ranks_by_layer["bert.encoder.layer.0.output.dense"] == 1  # cut 2 → 1
+    assert ranks_by_layer["bert.encoder.layer.0.intermediate.dense"] == 4  # grown 2 → 4, then folded
+    assert int(r0["moves"]) == 8 + 6  # the layers EveryMove names at step 2, then at step 4
+
+
+def test_fsdp2_resume_equals_the_uninterrupted_run(ranks):
+    """Model and optimizer state dicts of a sharded run (factors born after sharding) load into
+    a freshly sharded model and continue exactly as the run that never stopped."""
+    for rank in (0, 1):
+        resumed = load_file(str(ranks / f"fsdp2_resume.rank{rank}.safetensors"))
+        uninterrupted = load_file(str(ranks / f"fsdp2_every.rank{rank}.safetensors"))
+        assert resumed.keys() == uninterrupted.keys()
+        for name in resumed:
+            if name != "moves":  # the resumed optimizer only saw the moves after its restart
+                assert torch.equal(resumed[name], uninterrupted[name]), f"rank {rank}: {name} differs after resume"
+
+
+def test_fsdp2_automode_decides_as_one_process(ranks):
+    """The cheap gradient scores under FSDP2 are those of one process on the global batch, so
+    AutoMode takes the same decisions and the run matches one process."""
+    r0, r1 = _load(ranks, "fsdp2_automode")
+    _assert_matches_one_process(r0, r1, distributed_worker.train("fsdp2_automode"))
+    assert len(set((r0["modes"] // 100).tolist())) > 1 and int(r0["moves"]) > 0

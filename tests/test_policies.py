@@ -450,3 +450,23 @@ def test_hooks_armed_across_decisions_score_each_window_afresh():
     assert [set(b.values()) for b in seen] == [{1}, {0}, {1}, {0}, {1}, {0}]  # 2 steps per window, reset after
     grads = [[v["grad_norm"] for v in e["scores"].values()] for e in opt.score_log]
     assert grads[0] != grads[1] != grads[2]
+
+
+def test_a_custom_policy_without_init_of_its_own_checkpoints_and_resumes():
+    """Policy.config() read object.__init__'s (*args, **kwargs) as settings and failed; a policy
+    class with no constructor of its own now saves and loads with the optimizer."""
+    from adaptopt import AdaptiveOptimizer, LayerDecision, Mode, Policy
+    from tests.tiny_models import tiny_bert
+
+    class HalfFull(Policy):
+        method = "half_full"
+
+        def initial(self, layers, scores):
+            return {n: LayerDecision(Mode.FULL if "layer.0." in n else Mode.LORA) for n in layers}
+
+    opt = AdaptiveOptimizer(tiny_bert(), policy=HalfFull(), rank=2)
+    state = opt.state_dict()
+    assert state["policy"] == {"method": "half_full"}
+    fresh = AdaptiveOptimizer(tiny_bert(), policy=HalfFull(), rank=2)
+    fresh.load_state_dict(state)
+    assert [m.mode for m in fresh.layers.values()] == [m.mode for m in opt.layers.values()]

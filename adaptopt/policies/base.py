@@ -134,8 +134,9 @@ class Policy:
 
     def config(self) -> dict[str, Any]:
         """The mapping :func:`build_policy` rebuilds this policy from."""
-        params = inspect.signature(type(self).__init__).parameters
-        return {"method": self.method, **{name: getattr(self, name) for name in params if name != "self"}}
+        params = inspect.signature(type(self).__init__).parameters.values()
+        return {"method": self.method, **{p.name: getattr(self, p.name) for p in params if p.name != "self"
+                                          and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "method")
