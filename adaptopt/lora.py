@@ -440,7 +440,8 @@ class LoRALinear(nn.Module):
         delta), then load the values as usual.
 
         This is what lets ``model.load_state_dict`` (and the HF Trainer's resume) load a
-        checkpoint saved after transitions into a model still in its initial modes. Only the
+        checkpoint saved after transitions into a model still in its initial modes (and a whole,
+        unsharded state dict into a model sharded by FSDP2: each rank takes its rows). Only the
         structure is inferred (:func:`~adaptopt.layout.implied_by_state_dict`); the
         optimizer's ``load_state_dict`` restores the exact modes. A partial state dict
         (without the weight) leaves the structure alone.
@@ -452,6 +453,10 @@ class LoRALinear(nn.Module):
                                                     prefix + "delta" in state_dict))
             if merged is not None and self._merge_lives_in_weight:
                 self.merged = merged and self.lora_A is not None
+        for name, p in self.named_parameters():  # FSDP2: a whole tensor loads as this rank's rows
+            key = prefix + name
+            if is_sharded(p) and key in state_dict and not is_sharded(state_dict[key]):
+                state_dict[key] = with_sharding_of(p, local_part(p, state_dict[key].to(p.device)).contiguous())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------- introspection

@@ -10,6 +10,7 @@ import torch
 
 from .layout import Layout
 from .modes import Mode
+from .sharded import gathered, is_sharded, local_part, with_sharding_of
 
 if TYPE_CHECKING:
     from .optimizer import AdaptiveOptimizer
@@ -172,9 +173,18 @@ def optimizer_state(opt: "AdaptiveOptimizer") -> dict[str, Any]:
         "collector": opt.collector.state_dict(),
         "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
         "roles": [list(r) for r in opt._roles],
-        "state": {names[p]: dict(s) for p, s in opt.inner.state.items()},
+        "state": {names[p]: {k: gathered(v) if torch.is_tensor(v) else v for k, v in s.items()}
+                  for p, s in opt.inner.state.items()},  # FSDP2: whole moments, as one process writes them
         "policy": plain_config(opt.policy.config()),
     }
+
+
+def _moment_like(p: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
+    """A saved moment (whole, as :func:`optimizer_state` writes it) for ``p``: this rank's rows
+    of it when FSDP2 shards ``p`` (so a checkpoint loads at any world size)."""
+    if is_sharded(p) and not is_sharded(saved) and saved.dim() > 0:
+        return with_sharding_of(p, local_part(p, saved).clone())
+    return saved.clone()
 
 
 def restore_optimizer_state(opt: "AdaptiveOptimizer", sd: Mapping[str, Any]) -> bool:
@@ -194,7 +204,7 @@ def restore_optimizer_state(opt: "AdaptiveOptimizer", sd: Mapping[str, Any]) -> 
     opt.inner.state.clear()
     for pname, values in sd["state"].items():
         p = params[pname]
-        opt.inner.state[p] = {k: (v.to(device=p.device, dtype=p.dtype if k != "step" else v.dtype).clone()
+        opt.inner.state[p] = {k: (_moment_like(p, v.to(device=p.device, dtype=p.dtype if k != "step" else v.dtype))
                                   if torch.is_tensor(v) else v) for k, v in values.items()}
     for group, saved in zip(opt.param_groups, sd["groups"]):
         group.update({k: v for k, v in saved.items() if k != "params"})

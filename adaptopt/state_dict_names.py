@@ -48,10 +48,19 @@ def read_plain_names(state_dict: MutableMapping[str, Any], prefix: str) -> bool 
     base module finds its own keys. Returns whether ``weight`` held an update merged into it
     (factors present, no separate ``base.weight``) — for plain layers; ``None`` for a state dict
     in the earlier format, which does not say."""
-    if prefix + BASE + "weight" in state_dict:
+    has_base, has_plain = prefix + BASE + "weight" in state_dict, prefix + "weight" in state_dict
+    has_factors = prefix + "lora_A" in state_dict
+    if has_base and has_plain and not has_factors:
+        # saved without factors, so the plain names hold the base tensors; base.* entries beside them
+        # were filled in by a loader that keys on parameter names (torch.distributed.checkpoint's
+        # set_model_state_dict adds the model's current values under them): drop those
+        for key in [k for k in state_dict if k.startswith(prefix + BASE)]:
+            del state_dict[key]
+        merged = False
+    elif has_base:
         merged = None if state_dict.pop(prefix + "weight", None) is None else False
     else:
-        merged = prefix + "weight" in state_dict and prefix + "lora_A" in state_dict
+        merged = has_plain and has_factors
     for key in [k for k in state_dict if k.startswith(prefix)]:
         name = key[len(prefix):]
         if name.split(".", 1)[0] in ("weight", "bias"):

@@ -12,8 +12,10 @@ Scenarios (one launch, to pay the process start-up once):
 - ``fsdp2_lora``: static LoRA on sharded base weights (replicated factors).
 - ``fsdp2_every``: every transition on sharded weights (LORA → FULL / FROZEN folds, FROZEN /
   FULL → LORA starts, rank growth and cut), then ``merge()`` of every layer.
-- ``fsdp2_resume``: ``fsdp2_every`` stopped after step 3, saved (model and optimizer state dicts),
-  rebuilt from scratch, loaded and continued.
+- ``fsdp2_resume``: ``fsdp2_every`` stopped after step 3, saved to disk (the whole model through
+  ``get_model_state_dict``, the optimizer's state dict, rank 0's RNG state), rebuilt from
+  scratch, loaded and continued. (``fsdp2_continue``, run by the test in one process, continues
+  from that checkpoint.)
 - ``fsdp2_automode``: AutoMode over sharded weights, deciding from scores on different data.
 - ``fsdp2_pissa``: PiSSA adapters started on sharded weights (the SVD of the gathered weight,
   each rank keeping its rows of the residual).
@@ -126,7 +128,7 @@ def make_optimizer(model: torch.nn.Module, scenario: str) -> AdaptiveOptimizer:
         return AdaptiveOptimizer(model, lr=1e-2, policy={"method": "spectrum", "top_percent": 50})
     if scenario in ("fsdp2_lora", "fsdp2_pissa", "fsdp2_4bit"):
         return AdaptiveOptimizer(model, lr=1e-2, policy="lora")
-    if scenario in ("fsdp2_every", "fsdp2_resume"):
+    if scenario in ("fsdp2_every", "fsdp2_resume", "fsdp2_continue"):
         return AdaptiveOptimizer(model, lr=1e-2, policy=EveryMove())
     if scenario in ("automode", "fsdp2_automode"):
         policy = {"method": "automode", "u": 2, "t": 50, "bottom": 0, "rank": 2, "score_steps": 1}
@@ -176,16 +178,34 @@ def run_steps(runner: torch.nn.Module, opt: AdaptiveOptimizer, steps: list, rank
     return losses
 
 
-def _copy(value):
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value.detach().clone() if torch.is_tensor(value) else value
+def save_whole(model: torch.nn.Module, opt: AdaptiveOptimizer, folder: Path, rank: int, world: int) -> None:
+    """Rank 0 writes the whole model (``get_model_state_dict(full_state_dict=True)``, safetensors)
+    and the optimizer's state dict (whole moments) — a checkpoint any world size can load."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    optimizer = opt.state_dict()  # every rank joins the gathers
+    if rank == 0:  # with rank 0's RNG state: fresh factors after the restart are drawn by rank 0, as they were
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
+        save_file({"cpu": torch.get_rng_state()}, str(folder / "rng.safetensors"))
+        torch.save(optimizer, folder / "optimizer.pt")
+    if world > 1:
+        torch.distributed.barrier()
 
 
-def train(scenario: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-    """Train and return every parameter, the loss per step and the layer modes (as codes)."""
+def load_whole(model: torch.nn.Module, opt: AdaptiveOptimizer, folder: Path) -> None:
+    """Modes first (factors of the saved ranks), then the weights, each rank taking its rows."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    set_model_state_dict(model, load_file(str(folder / "model.safetensors")),
+                         options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["cpu"])
+
+
+def train(scenario: str, rank: int = 0, world: int = 1, folder: Path | None = None) -> dict[str, torch.Tensor]:
+    """Train and return every parameter, the loss per step and the layer modes (as codes).
+    ``folder``: where ``fsdp2_resume`` writes its checkpoint (a fresh temporary one if None)."""
     if scenario == "fsdp2_4bit":
         try:
             build(scenario, rank, world)
@@ -196,18 +216,22 @@ def train(scenario: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tenso
     data = batches()
     if scenario == "fsdp2_resume":
         losses = run_steps(runner, opt, data[:3], rank, world)
-        saved_model, saved_opt, saved_rng = _copy(model.state_dict()), _copy(opt.state_dict()), torch.get_rng_state()
+        if folder is None:
+            import tempfile
+            folder = Path(tempfile.mkdtemp())
+        save_whole(model, opt, folder, rank, world)
         del model, opt, runner
         model, opt, runner = build(scenario, rank, world)
         torch.manual_seed(RANK_SEED + 7 * rank + 1)  # the restored factors must come from the checkpoint
-        opt.load_state_dict(saved_opt)  # modes first (factors of the saved ranks), then the weights
-        model.load_state_dict(saved_model)
-        torch.set_rng_state(saved_rng)  # as Trainer / Lightning checkpoints do: later fresh factors match
+        load_whole(model, opt, folder)
         losses += run_steps(runner, opt, data[3:], rank, world)
+    elif scenario == "fsdp2_continue":  # one process picks up what fsdp2_resume saved (any world size)
+        load_whole(model, opt, folder)
+        losses = run_steps(runner, opt, data[3:], rank, world)
     else:
         losses = run_steps(runner, opt, data, rank, world)
     result = {}
-    if scenario in ("fsdp2_every", "fsdp2_resume"):
+    if scenario in ("fsdp2_every", "fsdp2_resume", "fsdp2_continue"):
         for name, layer in opt.layers.items():
             layer.merge()  # folds into the sharded weight; PEFT refuses this under FSDP
             result[f"merged/{name}"] = layer.merged_weight().detach().clone()
@@ -227,7 +251,7 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
     for scenario in SCENARIOS:
-        result = train(scenario, rank, world)
+        result = train(scenario, rank, world, out)
         save_file({k: v.contiguous() for k, v in result.items()}, str(out / f"{scenario}.rank{rank}.safetensors"))
     torch.distributed.barrier()  # nobody tears down gloo while a peer still communicates
     torch.distributed.destroy_process_group()

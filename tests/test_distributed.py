@@ -145,6 +145,17 @@ def test_fsdp2_resume_equals_the_uninterrupted_run(ranks):
                 assert torch.equal(resumed[name], uninterrupted[name]), f"rank {rank}: {name} differs after resume"
 
 
+def test_a_two_rank_fsdp2_checkpoint_continues_in_one_process(ranks):
+    """The checkpoint holds whole tensors (model through get_model_state_dict, whole Adam moments),
+    so one process continues it as the two ranks did."""
+    single = distributed_worker.train("fsdp2_continue", folder=ranks)
+    r0, r1 = _load(ranks, "fsdp2_resume")
+    for name in (k for k in single if k.startswith(("param/", "merged/"))):
+        diff = float((single[name] - r0[name]).abs().max())
+        assert diff <= 1e-5, f"{name}: one process vs two ranks after the restart differ by {diff:.2e}"
+    assert torch.allclose((r0["losses"][3:] + r1["losses"][3:]) / 2, single["losses"], atol=1e-5)
+
+
 def test_fsdp2_automode_decides_as_one_process(ranks):
     """The cheap gradient scores under FSDP2 are those of one process on the global batch, so
     AutoMode takes the same decisions and the run matches one process."""

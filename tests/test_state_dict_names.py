@@ -114,3 +114,38 @@ def test_a_4bit_layer_keeps_its_packed_weight_under_the_plain_name():
     other = QuantLoRALinear(nn.Linear(16, 8), rank=2)  # quantized from other weights
     with pytest.raises(RuntimeError, match="4-bit base was quantized from other weights"):
         other.load_state_dict(state)
+
+
+def test_torch_distributed_checkpoint_full_state_dict_round_trip():
+    """torch.distributed.checkpoint's get/set_model_state_dict (what FSDP2 users save with) key on
+    parameter names; set_model_state_dict adds the model's current values under names such as
+    ``base.weight`` beside the saved plain ``weight`` of a layer saved without factors. Those
+    fill-ins must not win: the trained weights load exactly."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    from adaptopt import AdaptiveOptimizer, LayerDecision, Policy
+    from tests.tiny_models import tiny_bert, token_batch
+
+    class Mixed(Policy):
+        method = "mixed"
+
+        def initial(self, layers, scores):
+            return {n: LayerDecision(Mode.FULL if "layer.0." in n else Mode.LORA) for n in layers}
+
+    def build():
+        torch.manual_seed(0)
+        model = tiny_bert(dropout=0.0)
+        return model, AdaptiveOptimizer(model, lr=1e-2, policy=Mixed(), rank=2, alpha=3.0)
+
+    model, opt = build()
+    for _ in range(2):
+        model(input_ids=token_batch(), labels=torch.tensor([0, 1])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    options = StateDictOptions(full_state_dict=True)
+    saved, saved_opt = get_model_state_dict(model, options=options), opt.state_dict()
+    fresh, fresh_opt = build()
+    fresh_opt.load_state_dict(saved_opt)
+    set_model_state_dict(fresh, saved, options=options)
+    for (name, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p, q), name
