@@ -470,3 +470,32 @@ def test_a_custom_policy_without_init_of_its_own_checkpoints_and_resumes():
     fresh = AdaptiveOptimizer(tiny_bert(), policy=HalfFull(), rank=2)
     fresh.load_state_dict(state)
     assert [m.mode for m in fresh.layers.values()] == [m.mode for m in opt.layers.values()]
+
+
+@given(importance=st.lists(st.floats(0.01, 100.0), min_size=2, max_size=12), t=st.sampled_from([10, 25, 50]),
+       keep=st.floats(0.0, 2.0), seed=st.integers(0, 1000))
+def test_automode_keep_holds_full_units_until_beaten_by_the_margin(importance, t, keep, seed):
+    """With hysteresis ``keep``, the FULL set is the top by I·(1+keep) for incumbents, I otherwise
+    (checked against a brute-force count); keep=0 is plain ranking; the rest rank by I."""
+    policy = AutoMode(t=t, keep=keep)
+    units = [f"u{i}" for i in range(len(importance))]
+    scores = dict(zip(units, importance))
+    full_now = frozenset(random.Random(seed).sample(units, k=len(units) // 3))
+    modes = policy.assign(scores, full_now)
+    full = {u for u, m in modes.items() if m is Mode.FULL}
+    assert len(full) == math.ceil(len(units) * t / 100)
+    held = {u: scores[u] * (1 + keep) if u in full_now else scores[u] for u in units}
+    for winner in full:  # nobody outside outranks a winner by its held importance
+        assert all(held[loser] <= held[winner] for loser in set(units) - full)
+    if keep == 0:
+        assert modes == policy.assign(scores)
+    for incumbent in full_now:  # an incumbent loses its slot only to units above (1+keep)·its importance
+        if incumbent not in full:
+            beaten_by = [u for u in full if scores[u] * (1 + keep * (u in full_now)) >= scores[incumbent] * (1 + keep)]
+            assert len(beaten_by) == len(full)
+
+
+def test_automode_keep_is_validated_by_name():
+    for bad in (-0.1, float("nan"), float("inf"), "0.5", True):
+        with pytest.raises(ValueError, match="keep must be a finite number"):
+            AutoMode(keep=bad)

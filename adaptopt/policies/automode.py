@@ -52,6 +52,10 @@ class AutoMode(Policy):
         freeze_order: which units freeze: ``"prefix"`` (default: the lowest blocks in model
             order, so the frozen units form a prefix of the network and backward stops there)
             or ``"importance"`` (the least important units, wherever they are).
+        keep: hysteresis for FULL units (default 0: none). A unit that is FULL competes for the
+            FULL slots with its importance multiplied by ``1 + keep``, so a LoRA unit displaces
+            it only when ``I_challenger > (1 + keep)·I_incumbent``. Without it, close scores let
+            the choice jump between blocks at every decision and no block trains fully for long.
 
     AutoMode's README says "t=10 means the top 10 % most active layers are fully
     fine-tuned"; its notebook code does the opposite (``score >= percentile(scores, t)``
@@ -63,7 +67,7 @@ class AutoMode(Policy):
     def __init__(self, u: int = 6, t: float = 10.0, bottom: float = 0.0, rank: int | None = None,
                  granularity: str = "block", score_steps: int | None = 8, score: str = "cheap",
                  freeze_from: int | None = None, freeze_step: float = 20.0, freeze_max: float = 50.0,
-                 freeze_order: str = "prefix") -> None:
+                 freeze_order: str = "prefix", keep: float = 0.0) -> None:
         self.u = check_positive_int("u", u)
         self.t = check_percent("t", t)
         self.bottom = check_percent("bottom", bottom)
@@ -85,6 +89,10 @@ class AutoMode(Policy):
         if freeze_order not in FREEZE_ORDERS:
             raise ValueError(f"freeze_order must be one of {FREEZE_ORDERS}, got {freeze_order!r}")
         self.freeze_order = freeze_order
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 <= keep < float("inf"):
+            raise ValueError(f"keep must be a finite number ≥ 0 (0.5: a FULL unit stays unless another unit's "
+                             f"importance exceeds its own by 50%), got {keep!r}")
+        self.keep = float(keep)
         if self.freeze_from is not None and self.bottom > 0:
             raise ValueError("bottom (frozen for one interval, rescored) and freeze_from (frozen for good, never "
                              "scored) do not combine: use one of them")
@@ -110,11 +118,17 @@ class AutoMode(Policy):
         next_decision = min(p for p in evenly_spaced(spe, self.u) if p >= position)
         return next_decision - position < self.score_steps
 
-    def assign(self, importance: Mapping[str, float]) -> dict[str, Mode]:
-        """The mode of each unit given its importance (pure; deterministic for equal input)."""
+    def assign(self, importance: Mapping[str, float], full_now: frozenset[str] = frozenset()) -> dict[str, Mode]:
+        """The mode of each unit given its importance and the units FULL now (pure;
+        deterministic for equal input). The FULL slots go by ``I·(1 + keep)`` for units in
+        ``full_now``, ``I`` for the others; LoRA and FROZEN by ``I``."""
         position = {unit: i for i, unit in enumerate(importance)}
-        ranked = sorted(importance, key=lambda unit: (-importance[unit], position[unit]))
-        n_full = percent_count(self.t, len(ranked))
+        held = {u: v * (1.0 + self.keep) if u in full_now else v for u, v in importance.items()}
+        by_held = sorted(importance, key=lambda unit: (-held[unit], position[unit]))
+        n_full = percent_count(self.t, len(by_held))
+        full = by_held[:n_full]
+        rest = sorted((u for u in importance if u not in full), key=lambda unit: (-importance[unit], position[unit]))
+        ranked = full + rest
         n_frozen = min(percent_count(self.bottom, len(ranked)), len(ranked) - n_full)
         modes = {unit: Mode.LORA for unit in ranked}
         modes.update(dict.fromkeys(ranked[:n_full], Mode.FULL))
@@ -153,6 +167,7 @@ class AutoMode(Policy):
                      else sorted(active, key=lambda u: (importance[u], list(active).index(u))))
             retired += order[:extra]
             importance = {u: v for u, v in importance.items() if u not in retired}
-        modes = {**self.assign(importance), **dict.fromkeys(retired, Mode.FROZEN)}
+        full_now = frozenset(u for u, names in active.items() if all(layers[n].mode is Mode.FULL for n in names))
+        modes = {**self.assign(importance, full_now), **dict.fromkeys(retired, Mode.FROZEN)}
         return {name: LayerDecision(modes[unit], self.rank if modes[unit] is Mode.LORA else None)
                 for unit, names in groups.items() for name in names}
