@@ -32,20 +32,28 @@ def require(module: str, *, extra: str | None = None) -> ModuleType:
         raise ImportError(f"{module} is needed for this feature but is not installed: {hint}") from exc
 
 
-# bitsandbytes warns at import, in every process that imports transformers' Trainer, that an
-# optional CPU kernel package ("kernels") is missing; it then uses its own CPU path. That is not
-# news to a user who did nothing wrong, so it is shown only when bitsandbytes logs at DEBUG.
-KERNEL_NOTICE = ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community")
+# bitsandbytes looks for an optional CPU kernel from the "kernels-community" hub repository in every
+# process that imports transformers' Trainer. Without it bitsandbytes says it failed to load the
+# kernel; in offline mode (HF_HUB_OFFLINE, as the CLI runs) the "kernels" package adds that it
+# skips the repository's publisher check. Either way bitsandbytes uses its own CPU path: not news
+# to a user who did nothing wrong, so both lines are shown only when bitsandbytes logs at DEBUG.
+KERNEL_NOTICES = (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+                  ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/"))
 
 
 class _OptionalKernelNotice(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return (not record.getMessage().startswith(KERNEL_NOTICE[1])
+        return (not record.getMessage().startswith(self.prefix)
                 or logging.getLogger("bitsandbytes").isEnabledFor(logging.DEBUG))
 
 
 def quiet_optional_kernel_notice() -> None:
-    """Hide bitsandbytes' missing-optional-kernel notice (idempotent; see above)."""
-    target = logging.getLogger(KERNEL_NOTICE[0])
-    if not any(isinstance(f, _OptionalKernelNotice) for f in target.filters):
-        target.addFilter(_OptionalKernelNotice())
+    """Hide the optional-kernel notices above (idempotent)."""
+    for name, prefix in KERNEL_NOTICES:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _OptionalKernelNotice) for f in target.filters):
+            target.addFilter(_OptionalKernelNotice(prefix))

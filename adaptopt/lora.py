@@ -427,12 +427,12 @@ class LoRALinear(nn.Module):
         if self.lora_A is None or self.merged:
             return None
         weight = self.base.weight.detach()
-        if not is_sharded(weight):
-            with torch.no_grad():
+        with torch.no_grad():
+            if not is_sharded(weight):
                 return self.merged_weight().contiguous()
-        with torch.no_grad():  # FSDP2: each rank writes its own rows, sharded as the weight is
+            # FSDP2: each rank writes its own rows, sharded as the weight is (no communication)
             local = _rounded_sum(local_tensor(weight), self._rows_held(self._to_base_layout(self._learned_delta())))
-        return with_sharding_of(weight, local.contiguous())
+            return with_sharding_of(weight, local.contiguous())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         """Read the plain names (:mod:`adaptopt.state_dict_names`), take the structure a full

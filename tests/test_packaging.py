@@ -1,6 +1,7 @@
 """The package as users get it: core imports with torch alone; integrations ship as adaptopt.integrations."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -50,9 +51,11 @@ def test_wheel_ships_integrations_inside_adaptopt(tmp_path):
     assert out == f"{target / 'adaptopt' / '__init__.py'} {target / 'adaptopt' / 'integrations' / '__init__.py'}"
 
 
-def test_importing_adaptopt_then_the_trainer_prints_no_optional_kernel_notice():
+@pytest.mark.parametrize("offline", ["0", "1"])
+def test_importing_adaptopt_then_the_trainer_prints_no_optional_kernel_notice(offline):
+    env = {**os.environ, "HF_HUB_OFFLINE": offline}  # offline, "kernels" adds a publisher-check notice
     quiet = subprocess.run([sys.executable, "-c", "import adaptopt; from transformers import Trainer"],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, env=env)
     assert quiet.returncode == 0 and "kernels-community" not in quiet.stderr + quiet.stdout
     shown = subprocess.run([sys.executable, "-c", "import logging; logging.getLogger('bitsandbytes').setLevel("
                             "logging.DEBUG); import adaptopt; from transformers import Trainer"],
