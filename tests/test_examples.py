@@ -59,6 +59,16 @@ def test_ddp_torchrun_example_keeps_ranks_identical(tmp_path):
     assert result["world"] == 2 and result["ranks_identical"] and result["rebuilds"] >= 1
 
 
+def test_fsdp2_torchrun_example_transitions_on_sharded_weights_and_resumes(tmp_path):
+    from tests.helpers import torchrun
+    run = torchrun(EXAMPLES / "fsdp2_torchrun.py", tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world"] == 2 and result["ranks_identical"] and result["resumed_equal"]
+    assert result["transitions"] > 0 and {"lora", "full"} <= set(result["modes"].values())
+    assert result["accuracy"] > 0.6  # it learned the planted task (chance: 0.5)
+
+
 def test_every_policy_example_in_the_readme_runs():
     """The README's "One example each" block, line by line, each optimizer trained two steps."""
     import re
