@@ -26,6 +26,7 @@ from torch import nn
 
 from ._imports import require
 from .factors import check_init, factors_from_svd, lora_scaling, svd_dense
+from .file_pages import release_file_pages
 from .fused_quant import FusedQuantLoRALinear, can_fuse_quant
 from .lora import LoRALinear, is_quantized_linear, linear_geometry
 from .modes import Mode
@@ -123,7 +124,9 @@ class QuantLoRALinear(LoRALinear):
         fan_in_fan_out = False
         if not is_quantized_linear(base):
             fan_in_fan_out = linear_geometry(base)[2]
+            original = base.weight
             base = quantize_linear(base, config)
+            release_file_pages(original)  # its fp32 pages of a mapped checkpoint file (adaptopt/file_pages.py)
         else:
             config = QuantConfig(base.weight.quant_type, base.compute_dtype, bool(base.weight.compress_statistics),
                                  int(base.weight.blocksize))

@@ -62,6 +62,7 @@ def train_steps(model, opt, data) -> float:
 
 
 def peak_child(model_name: str, kind: str) -> tuple[float, float]:
+    import adaptopt  # noqa: F401  (first, as in any adaptopt process: it quiets bitsandbytes' kernel notices)
     from integrations.runner import peak_rss_mb
     start = peak_rss_mb()
     import bitsandbytes  # noqa: F401  (what a Trainer process has imported anyway)
