@@ -20,6 +20,7 @@ Scenarios (one launch, to pay the process start-up once):
 - ``fsdp2_pissa``: PiSSA adapters started on sharded weights (the SVD of the gathered weight,
   each rank keeping its rows of the residual).
 - ``fsdp2_4bit``: a 4-bit model under fully_shard: the optimizer refuses it, naming the layers.
+- ``fsdp2_accumulate``: ``fsdp2_automode`` with two accumulated micro-batches per step.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from adaptopt import AdaptiveOptimizer, LayerDecision, Mode, Policy, inject_adapters  # noqa: E402
 
 SCENARIOS = ("scheduled", "automode", "plain_ddp", "fsdp2_toggle", "fsdp2_spectrum", "fsdp2_lora", "fsdp2_every",
-             "fsdp2_resume", "fsdp2_automode", "fsdp2_pissa", "fsdp2_4bit")
+             "fsdp2_resume", "fsdp2_automode", "fsdp2_pissa", "fsdp2_4bit", "fsdp2_accumulate")
 STEPS = 6
 BATCH = 8  # global batch; each of 2 ranks gets 4 rows
 RANK_SEED = 1000
@@ -130,7 +131,7 @@ def make_optimizer(model: torch.nn.Module, scenario: str) -> AdaptiveOptimizer:
         return AdaptiveOptimizer(model, lr=1e-2, policy="lora")
     if scenario in ("fsdp2_every", "fsdp2_resume", "fsdp2_continue"):
         return AdaptiveOptimizer(model, lr=1e-2, policy=EveryMove())
-    if scenario in ("automode", "fsdp2_automode"):
+    if scenario in ("automode", "fsdp2_automode", "fsdp2_accumulate"):
         policy = {"method": "automode", "u": 2, "t": 50, "bottom": 0, "rank": 2, "score_steps": 1}
         return AdaptiveOptimizer(model, lr=1e-2, policy=policy, rank=None if scenario.startswith("fsdp2") else 2,
                                  steps_per_epoch=STEPS // 2)
@@ -165,16 +166,22 @@ def build(scenario: str, rank: int, world: int) -> tuple[torch.nn.Module, Adapti
     return model, opt, runner
 
 
-def run_steps(runner: torch.nn.Module, opt: AdaptiveOptimizer, steps: list, rank: int, world: int) -> list:
+def run_steps(runner: torch.nn.Module, opt: AdaptiveOptimizer, steps: list, rank: int, world: int,
+              micro_batches: int = 1) -> list:
+    """Each rank takes its rows of every batch, in ``micro_batches`` accumulated pieces."""
     shard = BATCH // world
+    piece = shard // micro_batches
     losses = []
     for tokens, labels in steps:
-        rows = slice(rank * shard, (rank + 1) * shard)
-        loss = runner(input_ids=tokens[rows], labels=labels[rows]).loss
-        loss.backward()
+        loss = 0.0
+        for m in range(micro_batches):
+            rows = slice(rank * shard + m * piece, rank * shard + (m + 1) * piece)
+            part = runner(input_ids=tokens[rows], labels=labels[rows]).loss / micro_batches
+            part.backward()
+            loss = loss + part.detach()
         opt.step()
         opt.zero_grad()
-        losses.append(loss.detach())
+        losses.append(loss)
     return losses
 
 
@@ -229,7 +236,7 @@ def train(scenario: str, rank: int = 0, world: int = 1, folder: Path | None = No
         load_whole(model, opt, folder)
         losses = run_steps(runner, opt, data[3:], rank, world)
     else:
-        losses = run_steps(runner, opt, data, rank, world)
+        losses = run_steps(runner, opt, data, rank, world, micro_batches=2 if scenario == "fsdp2_accumulate" else 1)
     result = {}
     if scenario in ("fsdp2_every", "fsdp2_resume", "fsdp2_continue"):
         for name, layer in opt.layers.items():

@@ -156,9 +156,11 @@ def test_a_two_rank_fsdp2_checkpoint_continues_in_one_process(ranks):
     assert torch.allclose((r0["losses"][3:] + r1["losses"][3:]) / 2, single["losses"], atol=1e-5)
 
 
-def test_fsdp2_automode_decides_as_one_process(ranks):
-    """The cheap gradient scores under FSDP2 are those of one process on the global batch, so
-    AutoMode takes the same decisions and the run matches one process."""
-    r0, r1 = _load(ranks, "fsdp2_automode")
-    _assert_matches_one_process(r0, r1, distributed_worker.train("fsdp2_automode"))
+@pytest.mark.parametrize("scenario", ["fsdp2_automode", "fsdp2_accumulate"])
+def test_fsdp2_automode_decides_as_one_process(ranks, scenario):
+    """The cheap gradient scores under FSDP2 are those of one process on the global batch (also
+    with accumulated micro-batches), so AutoMode takes the same decisions and the run matches
+    one process."""
+    r0, r1 = _load(ranks, scenario)
+    _assert_matches_one_process(r0, r1, distributed_worker.train(scenario))
     assert len(set((r0["modes"] // 100).tolist())) > 1 and int(r0["moves"]) > 0
