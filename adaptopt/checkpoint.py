@@ -32,6 +32,7 @@ from .files import folder_lock, remove_stale_temporaries, save_tensors, write_js
 from .inject import find_adapters, require_adapters
 from .layout import Layout, ModuleSwap, build_layer, dtype_name
 from .lora import LoRALinear, is_quantized_linear, linear_geometry
+from .sharded import gathered
 
 ADAPTERS_FILE = "adapters.safetensors"  # the tensor file of folders written before saves were versioned
 TENSOR_FILE = re.compile(r"adapters(\.[0-9a-f]+)?\.safetensors")
@@ -58,7 +59,7 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
                 tensors[f"{name}.{attr}"] = p
     for pname, p in model.named_parameters():
         if pname not in tensors and p.is_floating_point() and is_changed(p):
-            tensors[pname] = p
+            tensors[pname] = gathered(p)  # FSDP2: the whole tensor (a collective: every rank calls)
     config = {"format": FORMAT, "layers": {name: _layer_record(m) for name, m in layers.items()},
               "model_class": type(model).__name__}
     return tensors, config
@@ -78,6 +79,9 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     rename, and only then is the previous tensor file deleted. A crash at any moment leaves
     a folder that loads as the previous save or as this one. Processes saving into one folder
     take turns; temporaries of killed saves are removed by the next save.
+
+    Under FSDP2 call it on every rank: sharded weights are gathered whole (a collective), and
+    every rank then writes the same folder in turn, as under DDP.
     """
     tensors, config = adapter_state(model)
     out = Path(directory)

@@ -27,6 +27,7 @@ from .files import remove_stale_temporaries, replace_directory, save_tensors, te
 from .inject import require_adapters
 from .lora import LoRALinear
 from .modes import Mode
+from .sharded import gathered
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -42,13 +43,13 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     ``bias``) holding ``W + ΔW`` in the original layer's layout; 4-bit layers dequantized."""
     layers = require_adapters(model, "export a merged model")
     prefixes = tuple(f"{name}." for name in layers)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    state = {k: gathered(v) for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     for name, module in layers.items():
         with torch.no_grad():
             weight = module.merged_weight()
         state[f"{name}.weight"] = weight.contiguous()
         if module.base.bias is not None:
-            state[f"{name}.bias"] = module.base.bias.detach()
+            state[f"{name}.bias"] = gathered(module.base.bias.detach())
     return state
 
 
@@ -64,6 +65,8 @@ def export_merged(model: nn.Module, directory: str | os.PathLike, tokenizer: Any
 
     The export is written into a fresh sibling folder and swapped in at the end
     (:func:`~adaptopt.files.replace_directory`), so a crash leaves the previous export whole.
+    Under FSDP2 call it on every rank: sharded tensors are gathered whole (a collective); as
+    transformers' ``save_pretrained`` does, only rank 0 writes a Hugging Face model.
     """
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         raise TypeError(f"tokenizer must have save_pretrained (a Hugging Face tokenizer or processor), "
@@ -81,6 +84,9 @@ def export_merged(model: nn.Module, directory: str | os.PathLike, tokenizer: Any
             model.save_pretrained(str(staging), state_dict=state)
         else:
             save_tensors(staging / "model.safetensors", state, metadata={"format": "pt"})
+        if not any(staging.iterdir()):  # save_pretrained writes on rank 0 only under torch.distributed
+            shutil.rmtree(staging)
+            return out
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         replace_directory(staging, out)
@@ -204,7 +210,7 @@ def peft_adapter(model: nn.Module, svd_rank: int | None = None, base_model: Any 
     for owner in extra:
         for pname, p in params.items():
             if _owner(pname) == owner:
-                tensors[PEFT_PREFIX + pname] = p
+                tensors[PEFT_PREFIX + pname] = gathered(p)
     exported = [layers[n] for n in factors]
     pattern = {re.escape(n): r for n, r in ranks.items() if r != rank}
     config = {
@@ -223,7 +229,7 @@ def _bias_left_behind(name: str, m: LoRALinear, originals: Mapping[str, torch.Te
     bias, original = m.base.bias, None if originals is None else originals.get(f"{name}.bias")
     if bias is None or original is None or m.layout().quant is not None:
         return ""
-    moved = float((bias.detach().float() - original.to(bias.device).float()).abs().max())
+    moved = float((gathered(bias.detach()).float() - original.to(bias.device).float()).abs().max())
     return f"; its bias moved by up to {moved:.3g}, which an adapter cannot carry" if moved > 0 else ""
 
 

@@ -11,7 +11,8 @@ Scenarios (one launch, to pay the process start-up once):
 - ``fsdp2_spectrum``: Spectrum choosing FULL blocks from SNR computed on sharded weights.
 - ``fsdp2_lora``: static LoRA on sharded base weights (replicated factors).
 - ``fsdp2_every``: every transition on sharded weights (LORA → FULL / FROZEN folds, FROZEN /
-  FULL → LORA starts, rank growth and cut), then ``merge()`` of every layer.
+  FULL → LORA starts, rank growth and cut); ``save_adapters``, ``export_merged`` and
+  ``export_peft`` (SVD for FULL layers) from the sharded model; then ``merge()`` of every layer.
 - ``fsdp2_resume``: ``fsdp2_every`` stopped after step 3, saved to disk (the whole model through
   ``get_model_state_dict``, the optimizer's state dict, rank 0's RNG state), rebuilt from
   scratch, loaded and continued. (``fsdp2_continue``, run by the test in one process, continues
@@ -32,7 +33,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adaptopt import AdaptiveOptimizer, LayerDecision, Mode, Policy, inject_adapters  # noqa: E402
+from adaptopt import (  # noqa: E402
+    AdaptiveOptimizer,
+    LayerDecision,
+    Mode,
+    Policy,
+    export_merged,
+    export_peft,
+    inject_adapters,
+    save_adapters,
+)
 
 SCENARIOS = ("scheduled", "automode", "plain_ddp", "fsdp2_toggle", "fsdp2_spectrum", "fsdp2_lora", "fsdp2_every",
              "fsdp2_resume", "fsdp2_automode", "fsdp2_pissa", "fsdp2_4bit", "fsdp2_accumulate")
@@ -238,6 +248,10 @@ def train(scenario: str, rank: int = 0, world: int = 1, folder: Path | None = No
     else:
         losses = run_steps(runner, opt, data, rank, world, micro_batches=2 if scenario == "fsdp2_accumulate" else 1)
     result = {}
+    if scenario == "fsdp2_every" and folder is not None:  # every rank calls: the sharded tensors are gathered
+        save_adapters(model, folder / "every-adapters")
+        export_merged(model, folder / "every-merged")
+        export_peft(model, folder / "every-peft", svd_rank=4, base_model=build_model())
     if scenario in ("fsdp2_every", "fsdp2_resume", "fsdp2_continue"):
         for name, layer in opt.layers.items():
             layer.merge()  # folds into the sharded weight; PEFT refuses this under FSDP

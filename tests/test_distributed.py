@@ -133,6 +133,22 @@ def test_fsdp2_every_transition_and_merge_match_one_process(ranks):
     assert int(r0["moves"]) == 8 + 6  # the layers EveryMove names at step 2, then at step 4
 
 
+def test_fsdp2_saves_and_exports_what_one_process_does(ranks, tmp_path):
+    """save_adapters, export_merged and export_peft called on every rank of a sharded model write
+    the whole tensors: the files match those of one process."""
+    distributed_worker.train("fsdp2_every", folder=tmp_path)
+    from adaptopt.checkpoint import adapters_file
+    pairs = [(adapters_file(ranks / "every-adapters"), adapters_file(tmp_path / "every-adapters"))]
+    pairs += [(ranks / folder / file, tmp_path / folder / file) for folder, file in
+              (("every-merged", "model.safetensors"), ("every-peft", "adapter_model.safetensors"))]
+    for sharded_run, one_process in pairs:
+        a, b = load_file(str(sharded_run)), load_file(str(one_process))
+        assert a.keys() == b.keys() and a, sharded_run
+        for key in a:
+            diff = float((a[key].double() - b[key].double()).abs().max())
+            assert diff <= 1e-5, f"{sharded_run.name}: {key} differs by {diff:.2e}"
+
+
 def test_fsdp2_resume_equals_the_uninterrupted_run(ranks):
     """Model and optimizer state dicts of a sharded run (factors born after sharding) load into
     a freshly sharded model and continue exactly as the run that never stopped."""
