@@ -121,16 +121,14 @@ class ReplicatedGradients:
 
     def __init__(self) -> None:
         self._handles: list[Any] = []
-        self.watched: list[torch.Tensor] = []
 
     def watch(self, params: Iterable[torch.Tensor], group: Any) -> None:
         """Average exactly these parameters' gradients from now on (replacing earlier ones)."""
         self.clear()
-        self.watched = list(params)
         self._handles = [p.register_post_accumulate_grad_hook(partial(_average_gradient, group=group))
-                         for p in self.watched]
+                         for p in params]
 
     def clear(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self.watched = [], []
+        self._handles = []

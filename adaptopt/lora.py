@@ -32,7 +32,7 @@ from .fused import FusedLoRALinear, can_fuse
 from .layout import Layout, implied_by_state_dict
 from .modes import Mode
 from .quant_config import QuantConfig
-from .sharded import gathered, is_sharded, local_part, local_tensor, with_sharding_of
+from .sharded import gathered, is_sharded, local_part, local_tensor, shard_like, with_sharding_of
 from .state_dict_names import holds_full_layer_state, read_plain_names, write_plain_names
 from .transitions import layer_tensors, sync_layer_requires_grad
 
@@ -456,7 +456,7 @@ class LoRALinear(nn.Module):
         for name, p in self.named_parameters():  # FSDP2: a whole tensor loads as this rank's rows
             key = prefix + name
             if is_sharded(p) and key in state_dict and not is_sharded(state_dict[key]):
-                state_dict[key] = with_sharding_of(p, local_part(p, state_dict[key].to(p.device)).contiguous())
+                state_dict[key] = shard_like(p, state_dict[key].to(p.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------- introspection

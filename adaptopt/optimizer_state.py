@@ -10,7 +10,7 @@ import torch
 
 from .layout import Layout
 from .modes import Mode
-from .sharded import gathered, is_sharded, local_part, with_sharding_of
+from .sharded import gathered, is_sharded, shard_like
 
 if TYPE_CHECKING:
     from .optimizer import AdaptiveOptimizer
@@ -183,7 +183,7 @@ def _moment_like(p: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
     """A saved moment (whole, as :func:`optimizer_state` writes it) for ``p``: this rank's rows
     of it when FSDP2 shards ``p`` (so a checkpoint loads at any world size)."""
     if is_sharded(p) and not is_sharded(saved) and saved.dim() > 0:
-        return with_sharding_of(p, local_part(p, saved).clone())
+        return shard_like(p, saved)
     return saved.clone()
 
 

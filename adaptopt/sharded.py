@@ -69,6 +69,12 @@ def with_sharding_of(sharded: torch.Tensor, local: torch.Tensor) -> torch.Tensor
                               stride=sharded.stride())
 
 
+def shard_like(sharded: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """A whole tensor (the same on every rank) as ``sharded``'s layout: this rank's rows of it,
+    copied, as a tensor sharded like ``sharded`` (no communication)."""
+    return with_sharding_of(sharded, local_part(sharded, full).clone(memory_format=torch.contiguous_format))
+
+
 def refuse_sharded_4bit(weights: Mapping[str, torch.Tensor]) -> None:
     """Raise ``ValueError`` naming the 4-bit layers (name → base weight) that ``fully_shard``
     has sharded: it turns bitsandbytes' packed ``Params4bit`` into a plain ``DTensor`` and drops
