@@ -89,6 +89,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         frozen: name patterns that never train (wins over everything but FULL targets).
         steps_per_epoch: epoch length for policies that decide "u times per epoch" (the HF
             callback sets it for you).
+        total_steps: the run's length in optimizer steps, for policies that act at a fraction
+            of it (``Hybrid(freeze_at=0.6)``); the HF and Lightning callbacks set it for you.
         nonfinite: what a step with NaN/inf gradients does: ``"skip"`` (default: no update, no
             decision, ``skipped_steps += 1``), ``"raise"`` (``FloatingPointError``) or
             ``"ignore"`` (no check, no host sync).
@@ -108,8 +110,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                  rslora: bool = False, targets: Targets = "auto", quantize: Any = None, init: str = "default",
                  lora_plus_ratio: float | None = None, train_other: bool = False,
                  trainable: Iterable[str] = TASK_HEADS, frozen: Iterable[str] = (),
-                 steps_per_epoch: int | None = None, nonfinite: str = "skip", process_group: Any = None,
-                 **adamw_kwargs: Any) -> None:
+                 steps_per_epoch: int | None = None, total_steps: int | None = None, nonfinite: str = "skip",
+                 process_group: Any = None, **adamw_kwargs: Any) -> None:
         for label, value in (("lr", lr), ("lora_lr", lora_lr)):
             if value is None and label == "lora_lr":
                 continue
@@ -123,13 +125,14 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self.lora_plus_ratio = None if lora_plus_ratio is None else float(lora_plus_ratio)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-        if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int)
-                                            or steps_per_epoch <= 0):
-            raise ValueError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
+        for label, count in (("steps_per_epoch", steps_per_epoch), ("total_steps", total_steps)):
+            if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count <= 0):
+                raise ValueError(f"{label} must be a positive int or None, got {count!r}")
         check_adamw_arguments(adamw_kwargs)
         adamw_kwargs.setdefault("foreach", True)
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr, **adamw_kwargs)  # validates betas, eps, ...
         self.policy = build_policy(policy)
+        self.policy.run_steps = total_steps
         self.model = model
         existing = find_adapters(model)
         restore, swap = RestorePoint(model, existing), None
@@ -206,6 +209,13 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
         self.steps_per_epoch = steps_per_epoch
         self._arm_for(self.step_count + 1)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Tell the policy how many optimizer steps the run takes (for decisions placed at a
+        fraction of it); the HF and Lightning callbacks call this at the start of training."""
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        self.policy.run_steps = total_steps
 
     # ------------------------------------------------------------------ views
     def views(self) -> dict[str, LayerView]:

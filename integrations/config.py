@@ -36,7 +36,7 @@ DATA_KEYS = {"name", "path", "text_column", "label_column", "group_column", "tas
 MODEL_KEYS = {"name", "path"}
 TRAINING_KEYS = {"epochs", "batch_size", "eval_batch_size", "lr", "lora_lr", "seed", "max_length", "max_steps",
                  "warmup_ratio", "weight_decay", "gradient_accumulation_steps", "logging_steps", "max_grad_norm",
-                 "train_other"}
+                 "train_other", "trainable"}
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bias", "rslora"}
 # The same settings under adaptopt's Python names and PEFT's (adaptopt/peft_names.py): all three spellings work
 LORA_SPELLINGS = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "targets": "target_modules",
@@ -114,6 +114,7 @@ def normalise(raw: Mapping[str, Any], source: str = "<config>") -> dict:
                           "{path: FILE_OR_DIR, text_column: ..., label_column: ...}")
     training = {**DEFAULT_TRAINING, **_check_keys(config.get("training"), TRAINING_KEYS, source, "training")}
     _check_values(training, TRAINING_RULES, source, "training")
+    _check_patterns(training, source, "training")
     _check_values(data, DATA_RULES, source, "data")
     compare = _check_keys(config.get("compare"), COMPARE_KEYS, source, "compare")
     fine_tuning = method_config(config.get("fine_tuning") or {"method": "lora"}, source, "fine_tuning")
@@ -211,7 +212,8 @@ def method_config(value: Any, source: str, key: str, base: Mapping[str, Any] | N
     method = value.get("method")
     if method not in METHODS:
         raise ConfigError(f"{source}: {key}.method: unknown method {method!r}; expected one of {list(METHODS)}")
-    allowed = {"method", "label", "lr", "lora_lr", "lora", "quantization", "spectrum", "train_other", method}
+    allowed = {"method", "label", "lr", "lora_lr", "lora", "quantization", "spectrum", "train_other", "trainable",
+               method}
     _check_keys(value, allowed, source, key)
     merged = {k: copy.deepcopy(v) for k, v in (base or {}).items() if k in ("lora", "quantization")}
     merged.update(value)
@@ -224,6 +226,7 @@ def method_config(value: Any, source: str, key: str, base: Mapping[str, Any] | N
         if not isinstance(merged[method], Mapping):
             raise ConfigError(f"{source}: {key}.{method}: expected a mapping of the policy's arguments")
     _check_values(merged, METHOD_RULES, source, key)
+    _check_patterns(merged, source, key)
     merged.setdefault("label", _default_label(merged))
     return merged
 
@@ -238,6 +241,25 @@ def _framework_spelling(section: Mapping[str, Any], source: str, key: str) -> di
                 raise ConfigError(f"{source}: {key}: {other!r} and {name!r} are the same setting; keep one")
             out[name] = out.pop(other)
     return out
+
+
+def _check_patterns(section: dict, source: str, key: str) -> None:
+    """``trainable``: a list of name patterns (adaptopt.names), each a valid regular expression."""
+    value = section.get("trainable")
+    if value is None:
+        return
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+        raise ConfigError(f"{_where(source, key)}.trainable: expected a list of parameter name patterns "
+                          f"(e.g. [LayerNorm]), got {section['trainable']!r}")
+    from adaptopt.names import compile_pattern
+    for pattern in value:
+        try:
+            compile_pattern(pattern)
+        except ValueError as err:
+            raise ConfigError(f"{_where(source, key)}.trainable: {err}") from None
+    section["trainable"] = value
 
 
 def _default_label(m: Mapping[str, Any]) -> str:

@@ -148,6 +148,8 @@ class AdaptoptCallback(TrainerCallback):
         opt = self._opt(kwargs)
         opt.set_steps_per_epoch(update_steps_per_epoch(kwargs.get("train_dataloader"),
                                                        args.gradient_accumulation_steps, state.max_steps))
+        if state.max_steps and state.max_steps > 0:
+            opt.set_total_steps(int(state.max_steps))
         if opt.step_count != state.global_step:
             logger.warning(f"adaptopt: the optimizer is at step {opt.step_count} but the Trainer at "
                            f"{state.global_step} (skipped non-finite steps, or a resume without optimizer.pt); "

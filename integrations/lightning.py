@@ -105,8 +105,11 @@ class AdaptoptLightning(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda_rng"])
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        total = trainer.estimated_stepping_batches
         for opt in self.optimizers:
             opt.set_steps_per_epoch(steps_per_epoch(trainer))
+            if isinstance(total, int) or (isinstance(total, float) and math.isfinite(total)):
+                opt.set_total_steps(max(int(total), 1))
         self._logged = sum(len(opt.history) for opt in self.optimizers)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:

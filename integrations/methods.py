@@ -5,7 +5,8 @@ The methods framework's keys map as follows: ``lora.{r, alpha, dropout, target_m
 ``quantization.*`` → ``quantize`` (4 bits only); ``spectrum.snr_threshold = p`` → Spectrum
 ``top_percent = (1 − p)·100``; ``spectrum.layers_to_finetune: [i, j]`` → those blocks FULL,
 the rest FROZEN. ``full`` trains every parameter (embeddings too); other methods train the
-task head plus what their policy chooses (``training.train_other: true`` adds the rest). A
+task head plus what their policy chooses (``training.train_other: true`` adds the rest;
+``trainable: [patterns]``, in ``training`` or a method, adds the parameters those name). A
 section named after the method holds the policy's own arguments (``automode: {u: 6, t: 10}``).
 """
 from __future__ import annotations
@@ -67,7 +68,7 @@ def optimizer_kwargs(method_cfg: Mapping[str, Any], training: Mapping[str, Any],
     """Everything ``AdaptiveOptimizer(model, **kwargs)`` needs for this method."""
     lora = dict(method_cfg.get("lora") or {})
     rank = int(lora.get("r", DEFAULT_RANK))
-    trainable = ["classifier", "score"]
+    trainable = ["classifier", "score", *(method_cfg.get("trainable") or training.get("trainable") or ())]
     bias = lora.get("bias", "none")
     if bias not in ("none", "all", "lora_only"):
         raise ConfigError(f"{where}.lora.bias: expected none, all or lora_only, got {bias!r}")

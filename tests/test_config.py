@@ -48,6 +48,22 @@ def test_the_seed_spectrum_block_maps_to_a_percentile_or_fixed_blocks():
     assert not any(name_matches(p, "bert.encoder.layer.15.output.dense") for p in patterns)
 
 
+def test_trainable_patterns_add_to_the_head_from_training_or_the_method():
+    config = normalise({**BASE, "training": {"trainable": "LayerNorm"},
+                        "compare": {"methods": ["lora", {"method": "hybrid", "trainable": ["bias"]}]}}, "t.yaml")
+    lora, hybrid = (optimizer_kwargs(m, config["training"], "t.yaml") for m in config["methods"])
+    assert lora["trainable"] == ("classifier", "score", "LayerNorm")
+    assert hybrid["trainable"] == ("classifier", "score", "bias")  # the method's own list wins
+    from adaptopt import AdaptiveOptimizer
+    from tests.tiny_models import tiny_bert
+    model = tiny_bert()
+    AdaptiveOptimizer(model, **{**lora, "policy": "lora"})
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    norms = {n for n in dict(model.named_parameters()) if "LayerNorm" in n}
+    assert norms and norms <= trained
+    assert not any("word_embeddings" in n or n.endswith("query.base.weight") for n in trained)
+
+
 def test_shipped_example_configs_validate():
     from adaptopt.integrations.cli import DEMO_YAML
     assert (EXAMPLES / "compare_minilm.yaml").read_text() == DEMO_YAML
@@ -68,6 +84,9 @@ def test_shipped_example_configs_validate():
     ({**BASE, "compare": {"methods": ["full", "loar"]}}, "compare.methods[1].method: unknown method 'loar'"),
     ({"data": "rotten_tomatoes"}, "missing key 'model'"),
     ({**BASE, "trainin": {}}, "unknown key(s) ['trainin']"),
+    ({**BASE, "training": {"trainable": [3]}}, "training.trainable: expected a list of parameter name patterns"),
+    ({**BASE, "compare": {"methods": [{"method": "lora", "trainable": ["Layer[Norm"]}]}},
+     "compare.methods[0].trainable: invalid name pattern 'Layer[Norm'"),
 ])
 def test_bad_configs_name_the_file_and_key(raw, message):
     with pytest.raises(ConfigError) as err:

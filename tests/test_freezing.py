@@ -2,6 +2,8 @@
 decide what they say, never freeze every unit, and a frozen prefix gets no backward pass."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -66,6 +68,10 @@ def test_bad_freeze_schedules_are_refused(kwargs, message):
         AutoMode(**kwargs)
     with pytest.raises(ValueError, match="freeze_prefix must be < 100"):
         Hybrid(freeze_prefix=100)
+    for bad in (5, 1.0, 0.0, -0.5, True, "0.6"):
+        with pytest.raises(ValueError, match="freeze_at must be a fraction of the run in .0, 1., a step after "
+                                             "calibration_steps=5"):
+            Hybrid(calibration_steps=5, freeze_at=bad)
 
 
 def backward_calls(model, opt, steps: int) -> dict[int, int]:
@@ -86,7 +92,8 @@ def backward_calls(model, opt, steps: int) -> dict[int, int]:
 def test_a_frozen_prefix_gets_no_backward_pass():
     torch.manual_seed(0)
     model = tiny_bert(layers=4, dropout=0.0)
-    opt = AdaptiveOptimizer(model, lr=1e-3, policy=Hybrid(t=25, calibration_steps=2, freeze_prefix=50), rank=2)
+    opt = AdaptiveOptimizer(model, lr=1e-3, policy=Hybrid(t=25, calibration_steps=2, freeze_prefix=50, freeze_at=None),
+                            rank=2)
     before = backward_calls(model, opt, 2)  # calibration: all LoRA, every block backpropagated
     assert all(c == 2 for c in before.values())
     modes = {int(n.split(".")[3]): m.mode for n, m in opt.layers.items()}
@@ -108,7 +115,7 @@ def test_progressive_freezing_prunes_backward_through_automode_too():
 
 
 def test_hybrid_decides_once_after_calibration():
-    policy = Hybrid(t=33, calibration_steps=5, freeze_prefix=34)
+    policy = Hybrid(t=33, calibration_steps=5, freeze_prefix=34, freeze_at=None)
     assert [policy.is_decision_step(s, None) for s in (4, 5, 6)] == [False, True, False]
     assert [policy.wants_stats(s, None) for s in (5, 6)] == [True, False]
     importance = [1.0, 5.0, 2.0, 4.0, 3.0, 0.5]
@@ -116,3 +123,56 @@ def test_hybrid_decides_once_after_calibration():
     modes = {int(n.split(".")[2]): d.mode for n, d in decided.items()}
     assert [b for b, m in sorted(modes.items()) if m is Mode.FULL] == [1, 3]
     assert [b for b, m in sorted(modes.items()) if m is Mode.FROZEN] == [0]  # block 1 is FULL: not frozen
+
+
+def test_hybrid_can_freeze_its_prefix_later_and_backward_stops_from_then_on():
+    torch.manual_seed(0)
+    model = tiny_bert(layers=4, dropout=0.0)
+    policy = Hybrid(t=25, calibration_steps=2, freeze_prefix=50, freeze_at=4)
+    assert [policy.is_decision_step(s, None) for s in (1, 2, 3, 4, 5)] == [False, True, False, True, False]
+    opt = AdaptiveOptimizer(model, lr=1e-3, policy=policy, rank=2)
+    backward_calls(model, opt, 2)
+    modes = {int(n.split(".")[3]): m.mode for n, m in opt.layers.items()}
+    assert Mode.FROZEN not in modes.values() and list(modes.values()).count(Mode.FULL) == 1  # t=25: one of four
+    assert all(c == 2 for c in backward_calls(model, opt, 2).values())  # steps 3-4: the prefix still trains
+    after = {int(n.split(".")[3]): m.mode for n, m in opt.layers.items()}
+    frozen = sorted(b for b, m in after.items() if m is Mode.FROZEN)
+    full = [b for b, m in after.items() if m is Mode.FULL]
+    assert full == [b for b, m in modes.items() if m is Mode.FULL]  # the FULL choice is kept
+    assert frozen == list(range(len(frozen))) and frozen and all(b < min(full) for b in frozen)
+    calls = backward_calls(model, opt, 2)
+    assert all(calls[b] == 0 for b in frozen) and all(calls[b] == 2 for b in after if b not in frozen)
+
+
+@pytest.mark.parametrize("run_steps, expected", [(200, 120), (100, 60), (30, 20), (21, 20)])
+def test_hybrid_freezes_its_prefix_at_a_fraction_of_the_run(run_steps, expected):
+    policy = Hybrid(calibration_steps=20)  # the defaults: the lowest third, after 60% of the run
+    policy.run_steps = run_steps
+    assert policy.freeze_step() == expected == max(20, math.ceil(0.6 * run_steps))
+    decisions = [s for s in range(1, run_steps + 1) if policy.is_decision_step(s, None)]
+    assert decisions == sorted({20, expected})
+    layers = views(6)
+    importance = {n: {"grad_norm": float(int(n.split(".")[2]))} for n in layers}  # the top blocks matter most
+    first = policy.decide(layers, importance, 20, None)
+    modes = {int(n.split(".")[2]): d.mode for n, d in first.items()}
+    assert [b for b in range(6) if modes[b] is Mode.FULL] == [4, 5]
+    assert [b for b in range(6) if modes[b] is Mode.FROZEN] == ([0, 1] if expected == 20 else [])
+
+
+def test_hybrid_without_the_run_length_warns_and_keeps_its_prefix_training():
+    policy = Hybrid(calibration_steps=2, freeze_at=0.5)
+    assert policy.freeze_step() is None
+    with pytest.warns(UserWarning, match="does not know the run's length, so the prefix will not freeze. "
+                                         "Pass total_steps="):
+        decided = policy.decide(views(6), {n: {"grad_norm": 1.0} for n in views(6)}, 2, None)
+    assert Mode.FROZEN not in {d.mode for d in decided.values()}
+    torch.manual_seed(0)
+    model = tiny_bert(layers=4, dropout=0.0)
+    opt = AdaptiveOptimizer(model, lr=1e-3, policy=Hybrid(t=25, calibration_steps=2, freeze_prefix=50, freeze_at=0.5),
+                            rank=2, total_steps=8)
+    backward_calls(model, opt, 3)
+    assert Mode.FROZEN not in {m.mode for m in opt.layers.values()}  # ⌈0.5·8⌉ = 4: decided after step 4 ...
+    backward_calls(model, opt, 1)
+    assert Mode.FROZEN in {m.mode for m in opt.layers.values()}  # ... so frozen from step 5 on
+    with pytest.raises(ValueError, match="total_steps must be a positive int"):
+        opt.set_total_steps(0)

@@ -60,6 +60,7 @@ def test_trainer_runs_the_policy_and_promoted_layers_train(tmp_path):
     trainer, opt, (callback, watcher) = make_trainer(tmp_path, extra_callbacks=(FullWeights,))
     trainer.train()
     assert opt.steps_per_epoch == 4  # 8 batches / accumulation 2
+    assert opt.policy.run_steps == trainer.state.max_steps == 8  # for decisions at a fraction of the run
     assert opt.step_count == trainer.state.global_step == 8
     decisions = sorted({h["step"] for h in opt.history if h["reason"] == "decision"})
     assert decisions and set(decisions) <= {2, 4, 6, 8}

@@ -49,6 +49,7 @@ def test_fit_save_resume_equals_an_uninterrupted_fit(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
         whole, whole_module, whole_opt = fit(tmp_path / "a", 2)
     assert whole_opt.steps_per_epoch == 4 == steps_per_epoch(whole)  # ⌈10 batches / 3⌉
+    assert whole_opt.policy.run_steps == 8 == whole.estimated_stepping_batches  # 2 epochs
     assert whole_opt.step_count == 8 and any(h["mode"] == "full" for h in whole_opt.history)
     assert any("→ full" in r.getMessage() for r in caplog.records)
 

@@ -95,6 +95,9 @@ class Policy:
 
     method: ClassVar[str] = ""
     quantize: Any = None
+    # the run's length in optimizer steps when the optimizer knows it (AdaptiveOptimizer(total_steps=),
+    # set_total_steps); not part of config(): it belongs to the run, not to the policy's settings
+    run_steps: int | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every policy's constructor takes PEFT's names too (``LoRA(r=16)``; :mod:`adaptopt.peft_names`)."""

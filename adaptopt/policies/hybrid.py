@@ -3,6 +3,8 @@ start, then train the top ``t`` % of blocks fully and the rest with LoRA for the
 from __future__ import annotations
 
 import itertools
+import math
+import warnings
 from typing import Mapping
 
 from ..modes import Mode
@@ -30,25 +32,41 @@ class Hybrid(Policy):
     Args:
         t: percent of units trained fully, ``⌈n·t/100⌉`` (default 33: two of MiniLM's six blocks).
         calibration_steps: steps scored before the one decision (default 20).
-        freeze_prefix: percent of units, counted from the bottom of the network, frozen after
-            the decision (default 0). The prefix stops below the first unit chosen FULL, and at
-            least one unit always trains.
+        freeze_prefix: percent of units, counted from the bottom of the network, frozen from
+            ``freeze_at`` on (default 33; 0: none). The prefix stops below the first unit chosen
+            FULL, and at least one unit always trains.
+        freeze_at: when the prefix freezes: a fraction of the run in (0, 1) (default 0.6; needs
+            the run's length, ``AdaptiveOptimizer(total_steps=)``, which the HF and Lightning
+            callbacks set — without it the prefix never freezes, with a warning), a step after
+            ``calibration_steps``, or ``None``: at the decision. Late freezing lets the prefix
+            train with LoRA first and saves its backward pass for the rest of the run (a second
+            decision that reads no scores and keeps the FULL choice).
         rank: LoRA rank of the LoRA units (``None``: the optimizer's ``rank``).
         granularity, score: as for :class:`~adaptopt.AutoMode`.
 
-    Unlike AutoMode it needs no epoch length, scores only at the start, and makes exactly one
-    decision, so its cost after calibration is that of its fixed assignment.
+    Unlike AutoMode it needs no epoch length and scores only at the start; after calibration
+    its cost is that of its fixed assignment, less the prefix's backward pass once it freezes.
+    The defaults (t=33, the lowest third frozen for the last 40% of the run) won the settings
+    search on validation data (README, "Which policy pays").
     """
 
     method = "hybrid"
 
-    def __init__(self, t: float = 33.0, calibration_steps: int = 20, freeze_prefix: float = 0.0,
-                 rank: int | None = None, granularity: str = "block", score: str = "cheap") -> None:
+    def __init__(self, t: float = 33.0, calibration_steps: int = 20, freeze_prefix: float = 33.0,
+                 rank: int | None = None, granularity: str = "block", score: str = "cheap",
+                 freeze_at: float | None = 0.6) -> None:
         self.t = check_percent("t", t)
         self.calibration_steps = check_positive_int("calibration_steps", calibration_steps)
         self.freeze_prefix = check_percent("freeze_prefix", freeze_prefix)
         if self.freeze_prefix >= 100:
             raise ValueError(f"freeze_prefix must be < 100 (at least one unit trains), got {freeze_prefix}")
+        fraction = isinstance(freeze_at, float) and 0 < freeze_at < 1
+        if not (freeze_at is None or fraction or (isinstance(freeze_at, int) and not isinstance(freeze_at, bool)
+                                                  and freeze_at > self.calibration_steps)):
+            raise ValueError(f"freeze_at must be a fraction of the run in (0, 1), a step after calibration_steps="
+                             f"{calibration_steps}, or None (at the decision); got {freeze_at!r}")
+        self.freeze_at = freeze_at
+        self._warned = False
         self.rank = check_positive_int("rank", rank, allow_none=True)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -67,21 +85,50 @@ class Hybrid(Policy):
         return step <= self.calibration_steps
 
     def is_decision_step(self, step: int, steps_per_epoch: int | None) -> bool:
-        return step == self.calibration_steps
+        return step in (self.calibration_steps, self.freeze_step())
 
-    def assign(self, importance: Mapping[str, float]) -> dict[str, Mode]:
+    def freeze_step(self) -> int | None:
+        """The step after which the prefix freezes (``None``: no prefix, or a fraction of a run
+        of unknown length): ``max(calibration_steps, ⌈freeze_at·run_steps⌉)`` for a fraction."""
+        if not self.freeze_prefix:
+            return None
+        if self.freeze_at is None:
+            return self.calibration_steps
+        if isinstance(self.freeze_at, int):
+            return self.freeze_at
+        if self.run_steps is None:
+            return None
+        return max(self.calibration_steps, math.ceil(self.freeze_at * self.run_steps))
+
+    def assign(self, importance: Mapping[str, float], with_prefix: bool = True) -> dict[str, Mode]:
         """Units in model order → modes (pure): top ``t`` % FULL, then the bottom prefix FROZEN."""
         order = list(importance)
         ranked = sorted(order, key=lambda u: (-importance[u], order.index(u)))
         full = set(ranked[:percent_count(self.t, len(order))])
+        prefix = self.prefix(order, full) if with_prefix else []
+        return {u: Mode.FULL if u in full else Mode.FROZEN if u in prefix else Mode.LORA for u in order}
+
+    def prefix(self, order: list[str], full: set[str]) -> list[str]:
+        """The lowest ``freeze_prefix`` % of ``order``, cut below the first FULL unit, never all
+        the units that are not FULL."""
         bottom = order[:percent_count(self.freeze_prefix, len(order))]
         prefix = list(itertools.takewhile(lambda u: u not in full, bottom))
-        prefix = prefix[:max(0, len(order) - len(full) - 1)]
-        return {u: Mode.FULL if u in full else Mode.FROZEN if u in prefix else Mode.LORA for u in order}
+        return prefix[:max(0, len(order) - len(full) - 1)]
 
     def decide(self, layers: Mapping[str, LayerView], scores: Scores, step: int,
                steps_per_epoch: int | None) -> dict[str, LayerDecision]:
         groups = units(layers.values(), self.granularity)
-        modes = self.assign(unit_importance(groups, scores))
+        freeze_step = self.freeze_step()
+        if freeze_step is None and self.freeze_prefix and not self._warned:
+            self._warned = True
+            warnings.warn(f"Hybrid: freeze_at={self.freeze_at} is a fraction of the run, but the optimizer does not "
+                          "know the run's length, so the prefix will not freeze. Pass total_steps= to "
+                          "AdaptiveOptimizer or call opt.set_total_steps(n) (the HF Trainer and Lightning "
+                          "callbacks do), or give freeze_at as a step", stacklevel=2)
+        if step == freeze_step and step != self.calibration_steps:
+            full = {u for u, names in groups.items() if all(layers[n].mode is Mode.FULL for n in names)}
+            return {name: LayerDecision(Mode.FROZEN) for unit in self.prefix(list(groups), full)
+                    for name in groups[unit]}
+        modes = self.assign(unit_importance(groups, scores), with_prefix=freeze_step == self.calibration_steps)
         return {name: LayerDecision(modes[unit], self.rank if modes[unit] is Mode.LORA else None)
                 for unit, names in groups.items() for name in names}
