@@ -29,8 +29,8 @@ DEMO_YAML = """\
 # `adaptopt tune examples/compare_minilm.yaml` (2026-12-02, seeds 0 and 1): full weights 2e-4 (of
 # 5e-5 / 1e-4 / 2e-4: 0.796 / 0.804 / 0.805), LoRA factors 5e-4 (of 2.5e-4 / 5e-4 / 1e-3: 0.764 /
 # 0.783 / 0.783). The adaptive default (third; `adaptopt demo --quick` runs the first three) won the
-# settings search on the same validation movies (`adaptopt compare examples/search_minilm.yaml
-# --split validation`, README "Which policy pays").
+# settings searches on the same validation movies (`adaptopt compare examples/search_minilm.yaml
+# --split validation`, then examples/search_minilm_late_prefix.yaml; README "Which policy pays").
 name: minilm-rotten-tomatoes
 model: minilm
 data: {name: rotten_tomatoes, max_train: 3200}   # evaluated on every snippet of the held-out movies
