@@ -108,10 +108,36 @@ def _run_in_own_group(command, env, timeout):
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # torchrun starts its workers in sessions of their own: collect them before the launcher
+        # dies (they would be re-parented), or a hung worker keeps the pipes open for ever
+        workers = _descendants(process.pid)
         os.killpg(process.pid, signal.SIGKILL)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         process.communicate()
         raise
     return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (children, grandchildren, ...), read from /proc."""
+    from pathlib import Path
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [root]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
 
 
 def torchrun(script, *args: str, processes: int = 2, timeout: float = 180.0):

@@ -180,3 +180,31 @@ def test_fsdp2_automode_decides_as_one_process(ranks, scenario):
     r0, r1 = _load(ranks, scenario)
     _assert_matches_one_process(r0, r1, distributed_worker.train(scenario))
     assert len(set((r0["modes"] // 100).tolist())) > 1 and int(r0["moves"]) > 0
+
+
+def test_a_hung_launch_is_killed_with_its_workers_in_their_own_sessions():
+    """torchrun starts workers in sessions of their own; the launch helper's time-out must kill
+    them too, or a worker stuck in gloo's teardown keeps the pipes open and the suite hangs."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import _descendants, _run_in_own_group
+    worker = "import time; time.sleep(120)"
+    launcher = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', %r], "
+                "start_new_session=True); time.sleep(120)" % worker)
+    start = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        _run_in_own_group([sys.executable, "-c", launcher], dict(os.environ), 3)
+    assert time.monotonic() - start < 60
+    time.sleep(0.5)
+    assert not [pid for pid in _descendants(1) if worker in _cmdline(pid)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
