@@ -41,6 +41,7 @@ from .modes import Mode
 from .optimizer_state import optimizer_state, restore_optimizer_state
 from .peft_names import PEFT_NAMES, accepts_peft_names
 from .policies import LayerDecision, LayerView, Policy, build_policy
+from .policies.base import check_positive_int
 from .scores import FAMILY_KEYS, weight_scores
 from .sharded import is_sharded, local_tensor, refuse_sharded_4bit
 from .summary import layer_table, one_line
@@ -125,9 +126,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self.lora_plus_ratio = None if lora_plus_ratio is None else float(lora_plus_ratio)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-        for label, count in (("steps_per_epoch", steps_per_epoch), ("total_steps", total_steps)):
-            if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count <= 0):
-                raise ValueError(f"{label} must be a positive int or None, got {count!r}")
+        check_positive_int("steps_per_epoch", steps_per_epoch, allow_none=True)
+        check_positive_int("total_steps", total_steps, allow_none=True)
         check_adamw_arguments(adamw_kwargs)
         adamw_kwargs.setdefault("foreach", True)
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr, **adamw_kwargs)  # validates betas, eps, ...
@@ -205,17 +205,13 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
     def set_steps_per_epoch(self, steps_per_epoch: int) -> None:
         """Tell epoch-counting policies the epoch length (optimizer steps per epoch); the HF
         callback calls this at the start of training."""
-        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
-            raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
-        self.steps_per_epoch = steps_per_epoch
+        self.steps_per_epoch = check_positive_int("steps_per_epoch", steps_per_epoch)
         self._arm_for(self.step_count + 1)
 
     def set_total_steps(self, total_steps: int) -> None:
         """Tell the policy how many optimizer steps the run takes (for decisions placed at a
         fraction of it); the HF and Lightning callbacks call this at the start of training."""
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
-            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
-        self.policy.run_steps = total_steps
+        self.policy.run_steps = check_positive_int("total_steps", total_steps)
 
     # ------------------------------------------------------------------ views
     def views(self) -> dict[str, LayerView]:

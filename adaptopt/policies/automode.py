@@ -19,6 +19,7 @@ from .base import (
     position_in_epoch,
     register_policy,
     require_epochs,
+    units_in_mode,
 )
 
 FREEZE_ORDERS = ("prefix", "importance")
@@ -157,8 +158,7 @@ class AutoMode(Policy):
     def decide(self, layers: Mapping[str, LayerView], scores: Scores, step: int,
                steps_per_epoch: int | None) -> dict[str, LayerDecision]:
         groups = units(layers.values(), self.granularity)
-        retired = [u for u, names in groups.items() if self.freezes() and all(
-            layers[n].mode is Mode.FROZEN for n in names)]
+        retired = units_in_mode(groups, layers, Mode.FROZEN) if self.freezes() else []
         active = {u: names for u, names in groups.items() if u not in retired}
         importance = unit_importance(active, scores)
         extra = max(0, self.frozen_count(self.decision_number(step, steps_per_epoch), len(groups)) - len(retired))
@@ -167,7 +167,7 @@ class AutoMode(Policy):
                      else sorted(active, key=lambda u: (importance[u], list(active).index(u))))
             retired += order[:extra]
             importance = {u: v for u, v in importance.items() if u not in retired}
-        full_now = frozenset(u for u, names in active.items() if all(layers[n].mode is Mode.FULL for n in names))
+        full_now = frozenset(units_in_mode(active, layers, Mode.FULL))
         modes = {**self.assign(importance, full_now), **dict.fromkeys(retired, Mode.FROZEN)}
         return {name: LayerDecision(modes[unit], self.rank if modes[unit] is Mode.LORA else None)
                 for unit, names in groups.items() for name in names}

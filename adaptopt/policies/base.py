@@ -158,6 +158,11 @@ def check_percent(label: str, value: float) -> float:
     return float(value)
 
 
+def units_in_mode(groups: Mapping[str, Any], layers: Mapping[str, LayerView], mode: Mode) -> list[str]:
+    """The units of ``groups`` (unit → its layer names) whose layers are all in ``mode``, in order."""
+    return [unit for unit, names in groups.items() if all(layers[n].mode is mode for n in names)]
+
+
 def check_positive_int(label: str, value: Any, allow_none: bool = False) -> Any:
     if value is None and allow_none:
         return None

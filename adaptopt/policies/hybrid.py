@@ -20,6 +20,7 @@ from .base import (
     check_positive_int,
     percent_count,
     register_policy,
+    units_in_mode,
 )
 
 
@@ -126,7 +127,7 @@ class Hybrid(Policy):
                           "AdaptiveOptimizer or call opt.set_total_steps(n) (the HF Trainer and Lightning "
                           "callbacks do), or give freeze_at as a step", stacklevel=2)
         if step == freeze_step and step != self.calibration_steps:
-            full = {u for u, names in groups.items() if all(layers[n].mode is Mode.FULL for n in names)}
+            full = set(units_in_mode(groups, layers, Mode.FULL))
             return {name: LayerDecision(Mode.FROZEN) for unit in self.prefix(list(groups), full)
                     for name in groups[unit]}
         modes = self.assign(unit_importance(groups, scores), with_prefix=freeze_step == self.calibration_steps)
