@@ -5,16 +5,19 @@ fully trained; the library moves layers between these modes while training runs,
 without changing what the model computes at the moment of the switch.
 
 The core imports with torch alone; bitsandbytes, transformers, datasets and matplotlib
-are imported only by the features that need them.
+are imported only by the features that need them. The parts (docs/architecture.md):
+``layers`` (the modules and their arithmetic), ``surgery`` (putting them into a model and
+taking them out), ``policies`` and ``scores`` (decisions), ``training`` (the optimizer),
+``formats`` (files), ``cli`` (the ``adaptopt`` command); ``adaptopt.integrations`` holds the
+framework adapters (Trainer, Lightning, DDP).
 """
 from ._imports import quiet_optional_kernel_notice
-from .checkpoint import load_adapters, save_adapters
-from .export import export_merged, export_peft
-from .factors import lora_scaling
-from .inject import ARCHITECTURE_TARGETS, TargetInfo, find_adapters, inject_adapters, select_targets
-from .lora import LoRALinear
+from .formats.checkpoint import load_adapters, save_adapters
+from .formats.export import export_merged, export_peft
+from .layers.factors import lora_scaling
+from .layers.lora import LoRALinear
+from .layers.quant import QuantConfig, QuantLoRALinear
 from .modes import Mode
-from .optimizer import AdaptiveOptimizer
 from .policies import (
     POLICIES,
     ALoRS,
@@ -36,8 +39,9 @@ from .policies import (
     build_policy,
     register_policy,
 )
-from .quant import QuantConfig, QuantLoRALinear
-from .unload import disable_adapters, merge_and_unload
+from .surgery.inject import ARCHITECTURE_TARGETS, TargetInfo, find_adapters, inject_adapters, select_targets
+from .surgery.unload import disable_adapters, merge_and_unload
+from .training.optimizer import AdaptiveOptimizer
 
 __version__ = "0.1.0"
 

@@ -15,7 +15,7 @@ Use it where you would use ``DistributedDataParallel``::
         ddp(**batch).loss.backward()
         opt.step(); opt.zero_grad()
 
-Ranks agree on decisions by construction (:mod:`adaptopt.distributed`); transitions happen
+Ranks agree on decisions by construction (:mod:`adaptopt.training.distributed`); transitions happen
 inside ``opt.step()``, at the same step on every rank, so every rank rebuilds together.
 """
 from __future__ import annotations

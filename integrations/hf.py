@@ -26,7 +26,7 @@ adds mode counts to each log line, and writes a readable ``adaptopt.json`` (mode
 scores, history) into each checkpoint directory.
 
 Checkpoints and ``trainer.save_model()`` folders hold the model's state dict in the plain
-layer names (``adaptopt/state_dict_names.py``): ``AutoModel*.from_pretrained(folder)`` loads the
+layer names (``adaptopt/layers/state_dict_keys.py``): ``AutoModel*.from_pretrained(folder)`` loads the
 trained function without adaptopt. A model with 4-bit layers cannot be loaded that way (its
 packed weights stop the load with a size mismatch); :func:`load_checkpoint` loads any of them,
 exactly, into a model prepared as for training.

@@ -73,7 +73,7 @@ def abs_scale(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 def dense_base_weight(module: nn.Module) -> torch.Tensor:
     """The frozen/base weight of an adapter module as fp32 ``(out, in)``."""
-    from adaptopt.quant import QuantLoRALinear, dequantize
+    from adaptopt.layers.quant import QuantLoRALinear, dequantize
     if isinstance(module, QuantLoRALinear):
         return dequantize(module.base).float()
     w = module.base.weight.detach().float()

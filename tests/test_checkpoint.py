@@ -19,7 +19,7 @@ from adaptopt import (
     load_adapters,
     save_adapters,
 )
-from adaptopt.checkpoint import CONFIG_FILE, adapters_file
+from adaptopt.formats.checkpoint import CONFIG_FILE, adapters_file
 from tests.tiny_models import VOCAB, token_batch, transformers
 
 BUILDERS = {
@@ -181,7 +181,7 @@ def test_a_failure_while_building_layers_puts_the_model_back(tmp_path, monkeypat
     save_adapters(model, tmp_path)
     target = fresh("bert")
     snapshot, flags = _snapshot(target), {n: p.requires_grad for n, p in target.named_parameters()}
-    import adaptopt.checkpoint as checkpoint
+    import adaptopt.formats.checkpoint as checkpoint
     real, calls = checkpoint._build_layer, []
 
     def failing(name, base, record):

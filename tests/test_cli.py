@@ -7,11 +7,11 @@ import random
 
 import pytest
 
-from adaptopt.checkpoint import adapters_file
+from adaptopt.formats.checkpoint import adapters_file
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("yaml")
-from adaptopt.integrations.cli import main  # noqa: E402
+from adaptopt.cli.main import main  # noqa: E402
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "actor", "scene", "the", "a", "was", "and"]
 

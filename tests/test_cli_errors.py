@@ -8,8 +8,7 @@ import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("yaml")
-from adaptopt.integrations.cli import main  # noqa: E402
-
+from adaptopt.cli.main import main  # noqa: E402
 from tests.test_cli import tiny, write_config  # noqa: E402,F401  (tiny is a fixture)
 
 

@@ -9,10 +9,9 @@ import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("yaml")
-from adaptopt.integrations.cli import main  # noqa: E402
-from adaptopt.integrations.config import ConfigError, load_yaml, normalise  # noqa: E402
-from adaptopt.integrations.paired import interval, line_gap, paired_differences, pays, t_quantile  # noqa: E402
-
+from adaptopt.cli.config import ConfigError, load_yaml, normalise  # noqa: E402
+from adaptopt.cli.main import main  # noqa: E402
+from adaptopt.cli.paired import interval, line_gap, paired_differences, pays, t_quantile  # noqa: E402
 from tests.test_cli import tiny, write_config  # noqa: E402,F401  (tiny is a fixture)
 
 
@@ -45,7 +44,7 @@ def test_paired_differences_and_the_line_by_hand():
 
 
 def test_same_seed_same_data_order_eval_set_and_initial_head(tiny, tmp_path):  # noqa: F811
-    from adaptopt.integrations.runner import compare_runs
+    from adaptopt.cli.runner import compare_runs
     path = write_config(tmp_path / "c.yaml", tiny, training={"epochs": 1, "max_steps": 4, "batch_size": 8,
                                                                "lr": 1e-3, "max_length": 16},
                         compare={"methods": ["full", "lora", {"method": "automode", "automode": {"u": 1}}],
@@ -58,8 +57,8 @@ def test_same_seed_same_data_order_eval_set_and_initial_head(tiny, tmp_path):  #
             assert len({r[key] for r in runs}) == 1, (seed, key)
     assert len({r["data_order"] for r in result}) == 2  # another seed, another order
     assert len({r["initial_head"] for r in result}) == 2
-    from adaptopt.integrations.paired import paired_table
-    from adaptopt.integrations.report import plot_pareto
+    from adaptopt.cli.paired import paired_table
+    from adaptopt.cli.report import plot_pareto
     table = paired_table(result, "accuracy", {"full": "weights 0.001"})
     assert table.count("\n") == 4 and "Δ vs lora" in table and "above LoRA–Full line, time" in table
     assert "weights 0.001" in table
@@ -68,7 +67,7 @@ def test_same_seed_same_data_order_eval_set_and_initial_head(tiny, tmp_path):  #
 
 def _poison_test_labels(tiny, tmp_path) -> str:  # noqa: F811
     """A copy of the CSV whose held-out (test) rows have their labels flipped."""
-    from adaptopt.integrations.data import _split
+    from adaptopt.cli.data import _split
     with open(tiny["data"], newline="") as f:
         data = list(csv.DictReader(f))
     groups = [r["film"] for r in data]
@@ -84,7 +83,7 @@ def _poison_test_labels(tiny, tmp_path) -> str:  # noqa: F811
 
 
 def test_learning_rate_selection_never_reads_the_test_split(tiny, tmp_path):  # noqa: F811
-    from adaptopt.integrations.tune import run_tune
+    from adaptopt.cli.tune import run_tune
     training = {"epochs": 1, "max_steps": 4, "batch_size": 8, "max_length": 16}
     tune = {"lr": [1e-4, 3e-3], "lora_lr": [1e-3, 3e-2], "seeds": [0]}
     results = []

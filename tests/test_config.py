@@ -7,8 +7,8 @@ import pytest
 import torch
 
 pytest.importorskip("yaml")
-from adaptopt.integrations.config import ConfigError, load_yaml, normalise  # noqa: E402
-from adaptopt.integrations.methods import optimizer_kwargs  # noqa: E402
+from adaptopt.cli.config import ConfigError, load_yaml, normalise  # noqa: E402
+from adaptopt.cli.methods import optimizer_kwargs  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BASE = {"model": "minilm", "data": "rotten_tomatoes"}
@@ -65,13 +65,14 @@ def test_trainable_patterns_add_to_the_head_from_training_or_the_method():
 
 
 def test_shipped_example_configs_validate():
-    from adaptopt.integrations.cli import DEMO_YAML
-    assert (EXAMPLES / "compare_minilm.yaml").read_text() == DEMO_YAML
-    for path in EXAMPLES.glob("*.yaml"):
+    from adaptopt.cli.main import CONFIGS, DEMO_CONFIG, config_path
+    paths = [*EXAMPLES.glob("*.yaml"), *CONFIGS.glob("*.yaml")]
+    assert DEMO_CONFIG in paths and config_path("main_job") == DEMO_CONFIG  # one file, shipped as package data
+    for path in paths:
         config = normalise(load_yaml(path), str(path))
         for method in config["methods"] or [config["fine_tuning"]]:
             optimizer_kwargs(method, config["training"], str(path))
-    demo = normalise(load_yaml(EXAMPLES / "compare_minilm.yaml"), "demo")
+    demo = normalise(load_yaml(DEMO_CONFIG), "demo")
     labels = [m["method"] for m in demo["methods"]]
     assert labels == ["full", "lora", "hybrid", "hybrid", "automode"]  # demo --quick runs the first three
     assert demo["methods"][1]["lora"]["r"] == 16  # the file's lora section applies to every method
@@ -93,3 +94,27 @@ def test_bad_configs_name_the_file_and_key(raw, message):
         config = normalise(raw, "bad.yaml")
         optimizer_kwargs(config["fine_tuning"], config["training"], "bad.yaml: fine_tuning")
     assert message in str(err.value) and "bad.yaml" in str(err.value)
+
+
+def test_a_registered_policy_can_be_named_in_yaml(tmp_path, monkeypatch):
+    """The CLI's method names come from the policy registry: a user's policy registered in a module
+    named under `plugins:` is a method like any other (and an unknown name lists the registry)."""
+    from adaptopt import POLICIES
+    from adaptopt.cli.config import methods
+    module = tmp_path / "my_policies_for_test.py"
+    module.write_text("from adaptopt import LoRA, register_policy\n\n@register_policy\nclass Mine(LoRA):\n"
+                      "    method = 'mine_for_test'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    raw = {"model": "minilm", "data": "rotten_tomatoes", "fine_tuning": {"method": "mine_for_test",
+                                                                         "mine_for_test": {"rank": 4}}}
+    with pytest.raises(ConfigError, match="unknown method 'mine_for_test'.*plugins"):
+        normalise(raw, "x.yaml")
+    try:
+        config = normalise({**raw, "plugins": ["my_policies_for_test"]}, "x.yaml")
+        assert "mine_for_test" in methods()
+        kwargs = optimizer_kwargs(config["fine_tuning"], config["training"], "x")
+        assert kwargs["policy"] == {"method": "mine_for_test", "rank": 4}
+        with pytest.raises(ConfigError, match="plugins: cannot import 'no_such_module_x'"):
+            normalise({**raw, "plugins": ["no_such_module_x"]}, "x.yaml")
+    finally:
+        POLICIES.pop("mine_for_test", None)

@@ -6,8 +6,8 @@ import importlib.util
 import pytest
 
 pytest.importorskip("yaml")
-from adaptopt.integrations.config import ConfigError  # noqa: E402
-from adaptopt.integrations.data import load_data  # noqa: E402
+from adaptopt.cli.config import ConfigError  # noqa: E402
+from adaptopt.cli.data import load_data  # noqa: E402
 
 
 def installed(module: str) -> bool:
@@ -22,7 +22,7 @@ def test_rotten_tomatoes_is_split_by_movie():
     data = load_data({"name": "rotten_tomatoes"})
     assert data.task == "classification" and data.label_names == ["fresh", "rotten"]
     assert len(data.train_texts) + len(data.eval_texts) == 12808
-    from adaptopt.integrations.data import package_dir
+    from adaptopt.cli.data import package_dir
     path = package_dir("rotten_tomatoes") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     with io.TextIOWrapper(bz2.open(path), encoding="utf-8") as f:
         movies: dict = {}

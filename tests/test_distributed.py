@@ -137,7 +137,7 @@ def test_fsdp2_saves_and_exports_what_one_process_does(ranks, tmp_path):
     """save_adapters, export_merged and export_peft called on every rank of a sharded model write
     the whole tensors: the files match those of one process."""
     distributed_worker.train("fsdp2_every", folder=tmp_path)
-    from adaptopt.checkpoint import adapters_file
+    from adaptopt.formats.checkpoint import adapters_file
     pairs = [(adapters_file(ranks / "every-adapters"), adapters_file(tmp_path / "every-adapters"))]
     pairs += [(ranks / folder / file, tmp_path / folder / file) for folder, file in
               (("every-merged", "model.safetensors"), ("every-peft", "adapter_model.safetensors"))]

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-import adaptopt.inject
+import adaptopt.surgery.inject
 from adaptopt import LoRALinear, Mode, QuantLoRALinear, inject_adapters
 from tests.helpers import assert_same_snapshot, make_base, randomize_adapter, snapshot
 from tests.tiny_models import tiny_bert, tiny_llama
@@ -67,7 +67,7 @@ def test_a_failure_midway_through_injection_restores_everything(monkeypatch):
             super().__init__(*args, **kwargs)
             built.append(self)
 
-    monkeypatch.setattr(adaptopt.inject, "LoRALinear", FailsOnThird)
+    monkeypatch.setattr(adaptopt.surgery.inject, "LoRALinear", FailsOnThird)
     model = tiny_llama()
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="out of memory"):

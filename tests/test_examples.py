@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from adaptopt.checkpoint import adapters_file
+from adaptopt.formats.checkpoint import adapters_file
 
 pytest.importorskip("transformers")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -70,11 +71,11 @@ def test_fsdp2_torchrun_example_transitions_on_sharded_weights_and_resumes(tmp_p
 
 
 def test_every_policy_example_in_the_readme_runs():
-    """The README's "One example each" block, line by line, each optimizer trained two steps."""
+    """docs/policies.md's "One example each" block, line by line, each optimizer trained two steps."""
     import re
 
     from tests.tiny_models import tiny_llama, token_batch
-    readme = (EXAMPLES.parent / "README.md").read_text()
+    readme = (EXAMPLES.parent / "docs" / "policies.md").read_text()
     block = readme.split("One example each:", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     imports, lines = block.split("\n\n", 1)
     namespace: dict = {"loader": [None] * 6}
@@ -89,12 +90,19 @@ def test_every_policy_example_in_the_readme_runs():
         code = code.replace("LoRA(16)", "LoRA(4)").replace("QLoRA(16)", "QLoRA(4)").replace("r_high=16", "r_high=8")
         code = code.replace("budget=16", "budget=4")
         opt = eval(code, {**namespace, "model": model})
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trained = set()
         for i in range(2):
+            trained |= {n for n, p in model.named_parameters() if p.requires_grad}
             tokens = token_batch(seed=i)
             model(input_ids=tokens, labels=tokens).loss.backward()
             opt.step()
             opt.zero_grad()
-        assert opt.trainable_parameter_count() > 0, line
+        moved = {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
+        folded = {f"{h['layer']}.base.weight" for h in opt.history}  # a transition may fold an update into W
+        assert moved, f"{line}: two steps changed no parameter"
+        assert moved <= trained | folded, f"{line}: parameters outside the optimizer moved: {sorted(moved - trained)}"
+        assert opt.check_consistency()["trainable"] > 0, line
 
 
 def test_lightning_example_resumes_exactly(tmp_path):

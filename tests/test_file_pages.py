@@ -1,4 +1,4 @@
-"""Releasing the resident pages of a weight read from a memory-mapped file (adaptopt/file_pages.py)."""
+"""Releasing the resident pages of a weight read from a memory-mapped file (adaptopt/layers/mapped_pages.py)."""
 from __future__ import annotations
 
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from adaptopt.file_pages import release_file_pages
+from adaptopt.layers.mapped_pages import release_file_pages
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
 ROWS, COLS = 16 * 1024, 1024  # 64 MiB of float32

@@ -1,4 +1,4 @@
-"""The fused LoRA autograd node (adaptopt.fused) against a float64 reference computed by hand.
+"""The fused LoRA autograd node (adaptopt.layers.fused_lora) against a float64 reference computed by hand.
 
 Tolerances follow the dot-product error bound: an element computed from ``k`` products is off
 by at most ``~k·eps·Σ|terms|``; ``Σ|terms|`` is the same formula evaluated on absolute values

@@ -1,4 +1,4 @@
-"""The fused LoRA node over a 4-bit base (adaptopt.fused_quant) against the float64 formula on deq(Q),
+"""The fused LoRA node over a 4-bit base (adaptopt.layers.fused_quant_lora) against the float64 formula on deq(Q),
 against the composite path, and what it keeps for backward (never a dense weight)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.test_fused import assert_matches_reference
 
 pytest.importorskip("bitsandbytes")
 from adaptopt import QuantLoRALinear  # noqa: E402
-from adaptopt.quant import dequantize  # noqa: E402
+from adaptopt.layers.quant import dequantize  # noqa: E402
 
 
 @st.composite

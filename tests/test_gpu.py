@@ -35,7 +35,7 @@ def test_the_fused_node_on_cuda_matches_the_formula(dtype):
 def test_the_fused_4bit_node_on_cuda_matches_the_formula_on_deq_q(dtype):
     pytest.importorskip("bitsandbytes")
     from adaptopt import QuantLoRALinear
-    from adaptopt.quant import dequantize
+    from adaptopt.layers.quant import dequantize
     torch.manual_seed(0)
     module = QuantLoRALinear(nn.Linear(256, 192).to(CUDA, dtype), rank=16, alpha=32)
     module.lora_A.data, module.lora_B.data = module.lora_A.data.to(dtype), module.lora_B.data.to(dtype)

@@ -1,7 +1,10 @@
-"""Cheap gradient importance (adaptopt.gradient_probes) against the exact ‖δᵀx‖_F: exact for
+"""Cheap gradient importance (adaptopt.training.gradient_probes) against the exact ‖δᵀx‖_F: exact for
 FULL layers, unbiased for LoRA layers with a random A and for probed frozen layers, per
 optimizer step whatever the micro-batch split, and ranking layers like the exact score."""
 from __future__ import annotations
+
+import math
+import statistics
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from adaptopt import AdaptiveOptimizer, Fixed, LoRALinear, Mode
-from adaptopt.layer_stats import StatsCollector
+from adaptopt.training.layer_stats import StatsCollector
 from tests.helpers import spearman
 from tests.tiny_models import tiny_bert, token_batch
 
@@ -71,8 +74,12 @@ def test_lora_and_probe_estimates_are_unbiased(mode, gradient):
                 layer.lora_B.zero_()
         truth.append(full_gradient_norm(model, layer, x, target) ** 2)
         estimates.append(step_scores(model, layer, x, target, 1, gradient, seed=seed) ** 2)
-    mean_truth = sum(truth) / len(truth)
-    assert sum(estimates) / len(estimates) == pytest.approx(mean_truth, rel=0.08)
+    # unbiased: the mean paired error is within 4 standard errors of 0 (a z-test over 300 draws; the
+    # draws are seeded, so the test is deterministic, and 4σ leaves ~6e-5 for a chance failure)
+    errors = [e - t for e, t in zip(estimates, truth)]
+    standard_error = statistics.stdev(errors) / math.sqrt(len(errors))
+    assert abs(statistics.fmean(errors)) <= 4 * standard_error
+    assert standard_error < 0.1 * statistics.fmean(truth)  # and precise enough for that to mean something
 
 
 @given(seed=st.integers(0, 10_000))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from adaptopt import AdaptiveOptimizer, Mode, Policy
-from adaptopt.layer_stats import StatsCollector
+from adaptopt.training.layer_stats import StatsCollector
 from tests.tiny_models import tiny_bert, token_batch
 
 LABELS = torch.tensor([0, 1])

@@ -21,7 +21,7 @@ from adaptopt import (
     load_adapters,
     save_adapters,
 )
-from adaptopt.checkpoint import CONFIG_FILE, adapters_file
+from adaptopt.formats.checkpoint import CONFIG_FILE, adapters_file
 from tests.helpers import assert_same_snapshot, randomize_adapter, simulate_training, snapshot
 from tests.tiny_models import tiny_bert, tiny_llama, token_batch
 
@@ -321,7 +321,7 @@ class NoBiasNet(nn.Module):
 def test_lossy_4bit_moves_lose_exactly_the_discarded_singular_values(move):
     pytest.importorskip("bitsandbytes")
     from adaptopt import QuantLoRALinear
-    from adaptopt.quant import dequantize
+    from adaptopt.layers.quant import dequantize
     torch.manual_seed(0)
     layer = QuantLoRALinear(nn.Linear(64, 48), rank=4, alpha=8, mode=Mode.FULL if move != "rank_cut" else Mode.LORA)
     randomize_adapter(layer)
@@ -351,7 +351,7 @@ def test_the_gradient_score_is_the_rms_over_micro_batches():
     layer = LoRALinear(nn.Linear(6, 5), rank=2)
     model = nn.Sequential(layer)
     layer.target = None
-    from adaptopt.layer_stats import StatsCollector
+    from adaptopt.training.layer_stats import StatsCollector
     collector = StatsCollector({"l": layer})
     collector.arm()
     xs, grads = [torch.randn(3, 6) for _ in range(2)], [torch.randn(3, 5) for _ in range(2)]

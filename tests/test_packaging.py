@@ -41,7 +41,7 @@ def test_wheel_ships_integrations_inside_adaptopt(tmp_path):
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
     wheel = next(tmp_path.glob("adaptopt-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "adaptopt/integrations/__init__.py" in names and "adaptopt/lora.py" in names
+    assert "adaptopt/integrations/__init__.py" in names and "adaptopt/layers/lora.py" in names
     assert not any(name.startswith(("integrations/", "tests/")) for name in names)
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
@@ -49,6 +49,16 @@ def test_wheel_ships_integrations_inside_adaptopt(tmp_path):
     out = run_python("import adaptopt.integrations as i, adaptopt; print(adaptopt.__file__, i.__file__)", tmp_path,
                      PYTHONPATH=str(target))
     assert out == f"{target / 'adaptopt' / '__init__.py'} {target / 'adaptopt' / 'integrations' / '__init__.py'}"
+    for package in ("layers", "surgery", "training", "formats", "policies", "scores", "cli"):
+        assert f"adaptopt/{package}/__init__.py" in names, package
+    assert "adaptopt/cli/configs/main_job.yaml" in names  # the demo config is package data
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "adaptopt = adaptopt.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    # the console entry point, run from the installed wheel: its shipped config resolves inside the install
+    out = run_python("import sys; from adaptopt.cli.main import config_path, main; print(config_path('main_job')); "
+                     "sys.argv = ['adaptopt', '--help']; main()", tmp_path, PYTHONPATH=str(target))
+    assert out.splitlines()[0] == str(target / "adaptopt" / "cli" / "configs" / "main_job.yaml")
+    assert "demo" in out and "compare" in out
 
 
 @pytest.mark.parametrize("offline", ["0", "1"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adaptopt import AdaptiveOptimizer, AutoMode, LoRA, QLoRA, build_policy, inject_adapters
-from adaptopt.peft_names import PEFT_NAMES
+from adaptopt.peft_arguments import PEFT_NAMES
 from tests.tiny_models import tiny_llama
 
 
@@ -49,7 +49,7 @@ def test_an_unknown_argument_names_ours_and_adamws():
                                       {"rank": 4, "alpha": 8, "targets": ["q_proj"]},
                                       {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}])
 def test_yaml_takes_all_three_spellings(spelling):
-    from adaptopt.integrations.config import ConfigError, normalise
+    from adaptopt.cli.config import ConfigError, normalise
     raw = {"model": "minilm", "data": "rotten_tomatoes", "fine_tuning": {"method": "lora", "lora": spelling}}
     assert normalise(raw)["fine_tuning"]["lora"] == {"r": 4, "alpha": 8, "target_modules": ["q_proj"]}
     with pytest.raises(ConfigError, match="'rank' and 'r' are the same setting"):

@@ -370,13 +370,16 @@ def test_policies_build_from_yaml():
         build_policy({"method": "autmode"})
 
 
-@pytest.mark.parametrize("bad", [{"method": "automode", "t": 150}, {"method": "automode", "t": 60, "bottom": 50},
-                                 {"method": "rank_allocation", "strategy": "random"},
-                                 {"method": "layerwise_lr", "phases": ["svd", "snr"]},
-                                 {"method": "layerwise_lr", "base": "layerwise_lr"},
-                                 {"method": "spectrum", "mode": "iqr"}, {"method": "alors", "high": 70, "mid": 40}])
-def test_bad_policy_options_are_refused(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, message", [
+    ({"method": "automode", "t": 150}, r"t is a percentage in \[0, 100\], got 150"),
+    ({"method": "automode", "t": 60, "bottom": 50}, "t \\+ bottom must be ≤ 100 .*got 60 \\+ 50"),
+    ({"method": "rank_allocation", "strategy": "random"}, "strategy must be one of .*linear_decay.*got 'random'"),
+    ({"method": "layerwise_lr", "phases": ["svd", "snr"]}, "phases must be .*got \\('svd', 'snr'\\)"),
+    ({"method": "layerwise_lr", "base": "layerwise_lr"}, "LayerwiseLR cannot be its own base"),
+    ({"method": "spectrum", "mode": "iqr"}, "SNR mode must be one of .*got 'iqr'"),
+    ({"method": "alors", "high": 70, "mid": 40}, "high \\+ mid must be ≤ 100 percent, got 70 \\+ 40")])
+def test_bad_policy_options_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
         build_policy(bad)
 
 

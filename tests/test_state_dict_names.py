@@ -1,4 +1,4 @@
-"""A model with adapters saves its state dict under the plain layer names (adaptopt/state_dict_names.py):
+"""A model with adapters saves its state dict under the plain layer names (adaptopt/layers/state_dict_keys.py):
 the plain architecture loads the trained function from it, and the adapted model loads it back exactly."""
 from __future__ import annotations
 

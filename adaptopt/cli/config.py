@@ -5,8 +5,9 @@
     model: minilm                 # registry name, or {path: a local model directory}
     data: {name: rotten_tomatoes, max_train: 2400, max_eval: 1000}
     fine_tuning:
-      method: lora                # full | lora | qlora | spectrum | automode | hybrid | alors | rank_allocation
-                                  # | layerwise_lr | bitfit | topk | frozen
+      method: lora                # any registered policy: full | lora | qlora | spectrum | automode | hybrid
+                                  # | alors | rank_allocation | layerwise_lr | bitfit | topk | frozen | fixed
+                                  # | ... (a plugin module's own, see `plugins`)
       lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: [query, value], bias: none}
       quantization: {bits: 4, bnb_4bit_compute_dtype: float32, bnb_4bit_quant_type: nf4,
                      bnb_4bit_use_double_quant: true}
@@ -16,6 +17,7 @@
     training: {epochs: 1, batch_size: 16, lr: 5.0e-5, lora_lr: 5.0e-4, seed: 0, max_length: 64}
     output_dir: runs/minilm
     compare: {methods: [full, lora, automode], seeds: [0, 1]}   # for `adaptopt compare`
+    plugins: [my_policies]        # modules imported first (their @register_policy policies become methods)
 
 The framework's own keys are accepted verbatim. ``spectrum.snr_threshold`` is a percentile (higher →
 fewer layers): it selects the top ``(1 − threshold) × 100`` % per layer type;
@@ -28,9 +30,7 @@ import copy
 from pathlib import Path
 from typing import Any, Mapping
 
-METHODS = ("full", "lora", "qlora", "spectrum", "automode", "hybrid", "alors", "rank_allocation", "layerwise_lr",
-           "bitfit", "topk", "frozen")
-TOP_KEYS = {"name", "model", "data", "fine_tuning", "training", "output_dir", "compare", "tune"}
+TOP_KEYS = {"name", "model", "data", "fine_tuning", "training", "output_dir", "compare", "tune", "plugins"}
 DATA_KEYS = {"name", "path", "text_column", "label_column", "group_column", "task", "eval_fraction", "max_train",
              "max_eval", "split_seed", "validation_fraction"}
 MODEL_KEYS = {"name", "path"}
@@ -38,7 +38,7 @@ TRAINING_KEYS = {"epochs", "batch_size", "eval_batch_size", "lr", "lora_lr", "se
                  "warmup_ratio", "weight_decay", "gradient_accumulation_steps", "logging_steps", "max_grad_norm",
                  "train_other", "trainable"}
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bias", "rslora"}
-# The same settings under adaptopt's Python names and PEFT's (adaptopt/peft_names.py): all three spellings work
+# The same settings under adaptopt's Python names and PEFT's (adaptopt/peft_arguments.py): all three spellings work
 LORA_SPELLINGS = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "targets": "target_modules",
                   "use_rslora": "rslora"}
 QUANT_KEYS = {"bits", "bnb_4bit_compute_dtype", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "blocksize"}
@@ -97,9 +97,36 @@ def load_yaml(path: str | Path) -> dict:
     return dict(data)
 
 
+def methods() -> list[str]:
+    """The method names a config may use: every registered policy (:data:`adaptopt.POLICIES`),
+    those a plugin module registered included."""
+    from adaptopt import POLICIES
+    return sorted(POLICIES)
+
+
+def load_plugins(plugins: Any, source: str) -> list[str]:
+    """Import the modules a config names under ``plugins:`` (each may ``@register_policy`` its
+    own policies, which the config can then name as methods)."""
+    import importlib
+    if plugins is None:
+        return []
+    if isinstance(plugins, str):
+        plugins = [plugins]
+    if not isinstance(plugins, list) or not all(isinstance(p, str) and p for p in plugins):
+        raise ConfigError(f"{source}: plugins: expected a list of importable module names, got {plugins!r}")
+    for name in plugins:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"{source}: plugins: cannot import {name!r} ({err}); put it on PYTHONPATH or "
+                              "install it") from None
+    return plugins
+
+
 def normalise(raw: Mapping[str, Any], source: str = "<config>") -> dict:
     """Check every key and fill defaults; returns a plain dict ready for :mod:`runner`."""
     config = _check_keys(raw, TOP_KEYS, source, "")
+    plugins = load_plugins(config.get("plugins"), source)
     for required in ("model", "data"):
         if required not in config:
             raise ConfigError(f"{source}: missing key {required!r}")
@@ -131,7 +158,8 @@ def normalise(raw: Mapping[str, Any], source: str = "<config>") -> dict:
     _check_seeds(tune["seeds"], source, "tune.seeds")
     return {"name": config.get("name") or Path(source).stem, "model": model, "data": data, "training": training,
             "fine_tuning": fine_tuning, "methods": methods, "seeds": seeds, "tune": tune,
-            "output_dir": str(config.get("output_dir") or f"runs/{Path(source).stem}"), "source": source}
+            "output_dir": str(config.get("output_dir") or f"runs/{Path(source).stem}"), "source": source,
+            "plugins": plugins}
 
 
 # key → (kind, lower bound, upper bound, bounds inclusive?): what each number may be. Numbers
@@ -210,8 +238,9 @@ def method_config(value: Any, source: str, key: str, base: Mapping[str, Any] | N
         raise ConfigError(f"{source}: {key}: expected a method name or mapping, got {value!r}")
     value = dict(value)
     method = value.get("method")
-    if method not in METHODS:
-        raise ConfigError(f"{source}: {key}.method: unknown method {method!r}; expected one of {list(METHODS)}")
+    if method not in methods():
+        raise ConfigError(f"{source}: {key}.method: unknown method {method!r}; expected one of {methods()} (a policy "
+                          "of your own: @adaptopt.register_policy it in a module named under `plugins:`)")
     allowed = {"method", "label", "lr", "lora_lr", "lora", "quantization", "spectrum", "train_other", "trainable",
                method}
     _check_keys(value, allowed, source, key)
@@ -244,7 +273,7 @@ def _framework_spelling(section: Mapping[str, Any], source: str, key: str) -> di
 
 
 def _check_patterns(section: dict, source: str, key: str) -> None:
-    """``trainable``: a list of name patterns (adaptopt.names), each a valid regular expression."""
+    """``trainable``: a list of name patterns (adaptopt.name_patterns), each a valid regular expression."""
     value = section.get("trainable")
     if value is None:
         return
@@ -253,7 +282,7 @@ def _check_patterns(section: dict, source: str, key: str) -> None:
     if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
         raise ConfigError(f"{_where(source, key)}.trainable: expected a list of parameter name patterns "
                           f"(e.g. [LayerNorm]), got {section['trainable']!r}")
-    from adaptopt.names import compile_pattern
+    from adaptopt.name_patterns import compile_pattern
     for pattern in value:
         try:
             compile_pattern(pattern)

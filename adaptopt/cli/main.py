@@ -2,13 +2,14 @@
 
 ::
 
-    adaptopt demo                      # MiniLM on Rotten Tomatoes: 7 methods × 2 seeds, table + plots
+    adaptopt demo                      # the main job: MiniLM on Rotten Tomatoes, 5 methods × 3 paired seeds
     adaptopt train CONFIG.yaml         # one fine-tune, evaluated and saved (adapters + merged model)
     adaptopt compare CONFIG.yaml       # methods × paired seeds: tables with intervals, pareto.png
     adaptopt tune CONFIG.yaml          # learning rates per parameter kind, chosen on a validation split
     adaptopt scan MODEL                # per-layer Spectrum SNR, and what top_percent would select
 
-Every input is checked before anything trains; a bad one stops with one message naming the
+CONFIG is a YAML file, or the name of a config shipped with the package (``main_job``: the
+main job's). Every input is checked before anything trains; a bad one stops with one message naming the
 file, the key and what was expected (exit code 2, and ``error.log`` in the output directory).
 """
 from __future__ import annotations
@@ -22,34 +23,21 @@ from typing import Any, Sequence
 
 from .config import ConfigError, load_yaml, normalise
 
-DEMO_YAML = """\
-# The main job: MiniLM-L6 on Rotten Tomatoes snippets, 200 steps of batch 16 on 3,200 training
-# snippets, evaluated on every snippet of the held-out movies; five methods × three paired seeds.
-# Learning rates per parameter kind, chosen on validation movies carved from the training side by
-# `adaptopt tune examples/compare_minilm.yaml` (2026-12-02, seeds 0 and 1): full weights 2e-4 (of
-# 5e-5 / 1e-4 / 2e-4: 0.796 / 0.804 / 0.805), LoRA factors 5e-4 (of 2.5e-4 / 5e-4 / 1e-3: 0.764 /
-# 0.783 / 0.783). The adaptive default (third; `adaptopt demo --quick` runs the first three) won the
-# settings searches on the same validation movies (`adaptopt compare examples/search_minilm.yaml
-# --split validation`, then examples/search_minilm_late_prefix.yaml; README "Which policy pays").
-name: minilm-rotten-tomatoes
-model: minilm
-data: {name: rotten_tomatoes, max_train: 3200}   # evaluated on every snippet of the held-out movies
-training: {epochs: 1, batch_size: 16, eval_batch_size: 64, lr: 2.0e-4, lora_lr: 5.0e-4, max_length: 64,
-           warmup_ratio: 0.06, logging_steps: 50}
-fine_tuning:
-  method: lora
-  lora: {r: 16, alpha: 32}
-compare:
-  seeds: [0, 1, 2]
-  methods:
-    - full
-    - {method: lora, label: lora r=16}
-    - {method: hybrid, label: hybrid t=33 (default)}
-    - {method: hybrid, label: hybrid t=33 +emb, train_other: true}
-    - {method: automode, label: automode u=6 t=10, automode: {u: 6, t: 10}}
-tune: {lr: [5.0e-5, 1.0e-4, 2.0e-4], lora_lr: [2.5e-4, 5.0e-4, 1.0e-3], seeds: [0, 1]}
-output_dir: runs/demo
-"""
+CONFIGS = Path(__file__).resolve().parent / "configs"  # run configs shipped with the package
+DEMO_CONFIG = CONFIGS / "main_job.yaml"  # the main job: `adaptopt demo` runs it
+
+
+def config_path(name: str) -> Path:
+    """A config file: a path, or the name of a config shipped in ``adaptopt/cli/configs``
+    (``main_job``), which ``adaptopt configs`` lists."""
+    path = Path(name)
+    if path.exists() or path.suffix:
+        return path
+    shipped = CONFIGS / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"{name}: no such config file, and no shipped config of that name (shipped: {names})")
 
 
 INSTALL_HINTS = {"transformers": "pip install 'adaptopt[hf]'", "accelerate": "pip install 'adaptopt[hf]'",
@@ -67,18 +55,14 @@ def _fail(message: str, output_dir: str | None) -> int:
     return 2
 
 
-def _config(path: str | None, text: str | None, output_dir: str | None) -> dict[str, Any]:
-    if text is not None:
-        import yaml
-        raw, source = yaml.safe_load(text), "<embedded demo config>"
-    else:
-        raw, source = load_yaml(path), str(path)
-    config = normalise(raw, source)
+def _config(path: str | Path, output_dir: str | None) -> dict[str, Any]:
+    path = config_path(str(path))
+    config = normalise(load_yaml(path), str(path))
     if output_dir:
         config["output_dir"] = output_dir
     out = Path(config["output_dir"])
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"{source}: output_dir: {out} exists and is a file; choose a directory path")
+        raise ConfigError(f"{path}: output_dir: {out} exists and is a file; choose a directory path")
     return config
 
 
@@ -97,7 +81,7 @@ def _validate(config: dict[str, Any], methods: Sequence[dict[str, Any]], seed: i
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .runner import train_run
-    config = _config(args.config, None, args.output_dir)
+    config = _config(args.config, args.output_dir)
     method = config["fine_tuning"]
     _, built = _validate(config, [method], config["training"]["seed"])
     out = Path(config["output_dir"])
@@ -148,7 +132,7 @@ def _lr_label(method: dict[str, Any], training: dict[str, Any]) -> str:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from .tune import grid_methods, run_tune
-    config = _config(args.config, None, args.output_dir)
+    config = _config(args.config, args.output_dir)
     if args.seeds:
         config["tune"]["seeds"] = [int(s) for s in args.seeds.split(",")]
     _validate(config, grid_methods(config)[:1], config["tune"]["seeds"][0], split="validation")
@@ -157,7 +141,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    config = _config(args.config, None, args.output_dir)
+    config = _config(args.config, args.output_dir)
     if args.seeds:
         config["seeds"] = [int(s) for s in args.seeds.split(",")]
     run_compare(config, args.split)
@@ -165,7 +149,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    config = _config(None, DEMO_YAML, args.output_dir)
+    config = _config(DEMO_CONFIG, args.output_dir)
     if args.quick:  # a first look: Full, LoRA and the shipped adaptive default on a quarter of the data
         config["methods"] = config["methods"][:3]
         config["data"] = {**config["data"], "max_train": 800, "max_eval": 600}

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .config import ConfigError
+from adaptopt.surgery.inject import DEFAULT_RANK
+from adaptopt.training.arguments import LORA_LR_MULTIPLE
 
-DEFAULT_RANK = 8
-LORA_LR_MULTIPLE = 10.0
+from .config import ConfigError
 
 
 def quantize_config(section: Mapping[str, Any] | None, where: str) -> dict[str, Any] | None:

@@ -172,7 +172,7 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
 
     from adaptopt import export_merged, save_adapters
 
-    from .hf import AdaptoptCallback
+    from ..integrations.hf import AdaptoptCallback
     from .report import plot_run
     data, model, tokenizer, opt = built or build(config, method_cfg, seed, split=split)
     head = [p for n, p in model.named_parameters() if n.split(".")[0] in ("classifier", "score")]
@@ -220,6 +220,8 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
 
 def _child(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: int, run_dir: str,
            split: str) -> dict[str, Any]:
+    from .config import load_plugins
+    load_plugins(config.get("plugins"), config.get("source", "<config>"))  # a fresh process registers them again
     return train_run(config, method_cfg, seed, Path(run_dir), save=False, split=split)
 
 

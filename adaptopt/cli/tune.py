@@ -5,7 +5,7 @@ is not an adapter factor, ``tune.lora_lr`` for LoRA factors; three values each b
 Full fine-tuning runs over the ``lr`` grid and LoRA (the config's ``fine_tuning.lora`` section)
 over the ``lora_lr`` grid, each on ``tune.seeds``, trained on the training side minus a
 validation part (``data.validation_fraction`` of the training groups, 0.15 by default) and
-scored on that part (:func:`adaptopt.integrations.data.load_data` with ``split="validation"``:
+scored on that part (:func:`adaptopt.cli.data.load_data` with ``split="validation"``:
 the test side's texts and labels are never read). The best value of each grid — highest mean
 accuracy, or lowest perplexity — is what every method then runs with.
 """

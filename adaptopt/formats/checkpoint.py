@@ -1,12 +1,12 @@
 """adaptopt's own checkpoint format: :func:`save_adapters` / :func:`load_adapters`, with
 safetensors only (nothing is ever unpickled). The exports for other tools (a merged model,
-a PEFT adapter) are in :mod:`adaptopt.export`; the formats are described in
+a PEFT adapter) are in :mod:`adaptopt.formats.export`; the formats are described in
 docs/design.md §9.
 
 ``adapters.<id>.safetensors`` holds only what differs from the base model (LoRA factors, 4-bit
 layers' dense deltas, weights that trained or had an update folded in, trained non-target
 parameters such as a classifier head); ``adapters.json`` holds every adapted layer's
-:class:`~adaptopt.layout.Layout` record (mode, rank, alpha, rsLoRA flag, dropout, 4-bit
+:class:`~adaptopt.layers.layout.Layout` record (mode, rank, alpha, rsLoRA flag, dropout, 4-bit
 settings, factors, merged) and its geometry, and names the tensor file with its SHA-256 — it
 is the commit point of a save (see :func:`save_adapters`). Loading into a fresh base model
 reproduces the adapted model exactly (same logits).
@@ -27,12 +27,13 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .changed_params import is_changed, mark_changed
-from .files import folder_lock, remove_stale_temporaries, save_tensors, write_json
-from .inject import find_adapters, require_adapters
-from .layout import Layout, ModuleSwap, build_layer, dtype_name
-from .lora import LoRALinear, is_quantized_linear, linear_geometry
-from .sharded import gathered
+from ..layers.changed_marks import is_changed, mark_changed
+from ..layers.layout import Layout, dtype_name
+from ..layers.lora import LoRALinear, is_quantized_linear, linear_geometry
+from ..layers.sharded import gathered
+from ..surgery.inject import build_layer, find_adapters, require_adapters
+from ..surgery.swap import ModuleSwap
+from .atomic_files import folder_lock, remove_stale_temporaries, save_tensors, write_json
 
 ADAPTERS_FILE = "adapters.safetensors"  # the tensor file of folders written before saves were versioned
 TENSOR_FILE = re.compile(r"adapters(\.[0-9a-f]+)?\.safetensors")
@@ -69,7 +70,7 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the model's adapters and changed weights to ``directory`` (created if needed).
 
     Saved: LoRA factors, 4-bit layers' dense deltas, every parameter that trained or had an
-    update folded into it (see :mod:`adaptopt.changed_params`), and each adapted layer's mode,
+    update folded into it (see :mod:`adaptopt.layers.changed_marks`), and each adapted layer's mode,
     rank, alpha, rsLoRA flag, dropout and 4-bit settings. Untouched base weights are not
     saved: load into the same base model with :func:`load_adapters`. Buffers (e.g. batch-norm
     running statistics) are not saved.
@@ -193,7 +194,7 @@ def _layout_of(name: str, record: Mapping[str, Any], problems: list[str]) -> Lay
 def _expected_for_layer(name: str, record: Mapping[str, Any], base: nn.Module,
                         problems: list[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype, bool]]:
     """``{key: (shape, dtype, required)}`` of the tensors layer ``name`` can take from the file:
-    those its saved :class:`~adaptopt.layout.Layout` implies. Factors and deltas are always
+    those its saved :class:`~adaptopt.layers.layout.Layout` implies. Factors and deltas are always
     saved; a plain base weight only when it changed (always when an adapter was merged into it)."""
     try:
         in_f, out_f, _ = linear_geometry(base)
@@ -256,7 +257,7 @@ def _plan_load(model: nn.Module, config: Mapping[str, Any], layout: Mapping[str,
         if len(problems) > before:
             bad_layers.append(f"{name}.")
         if isinstance(record, Mapping) and record.get("quantize") is not None:
-            from ._imports import require
+            from .._imports import require
             require("bitsandbytes", extra="quant")
     prefixes = tuple(f"{name}." for name in config["layers"])
     for key, (shape, file_dtype) in layout.items():

@@ -21,13 +21,13 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .changed_params import is_changed
-from .factors import compute_dtype, svd_dense
-from .files import remove_stale_temporaries, replace_directory, save_tensors, temporary_name, write_json
-from .inject import require_adapters
-from .lora import LoRALinear
-from .modes import Mode
-from .sharded import gathered
+from ..layers.changed_marks import is_changed
+from ..layers.factors import compute_dtype, svd_dense
+from ..layers.lora import LoRALinear
+from ..layers.sharded import gathered
+from ..modes import Mode
+from ..surgery.inject import require_adapters
+from .atomic_files import remove_stale_temporaries, replace_directory, save_tensors, temporary_name, write_json
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -64,7 +64,7 @@ def export_merged(model: nn.Module, directory: str | os.PathLike, tokenizer: Any
     it, so ``pipeline(task, model=directory)`` works from the folder alone.
 
     The export is written into a fresh sibling folder and swapped in at the end
-    (:func:`~adaptopt.files.replace_directory`), so a crash leaves the previous export whole.
+    (:func:`~adaptopt.formats.atomic_files.replace_directory`), so a crash leaves the previous export whole.
     Under FSDP2 call it on every rank: sharded tensors are gathered whole (a collective); as
     transformers' ``save_pretrained`` does, only rank 0 writes a Hugging Face model.
     """

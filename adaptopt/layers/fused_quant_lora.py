@@ -2,7 +2,7 @@ r"""One autograd node for a LoRA layer over a frozen 4-bit base.
 
 .. math::  y = x\,\mathrm{deq}(Q)^\top + b + s\,(x A^\top) B^\top
 
-The same node as :mod:`adaptopt.fused`, with the dense weight made on demand: ``deq(Q)`` is
+The same node as :mod:`adaptopt.layers.fused_lora`, with the dense weight made on demand: ``deq(Q)`` is
 computed inside forward, used for one GEMM and dropped; backward computes it again for
 ``∂_x = g\,\mathrm{deq}(Q) + s\,(g B) A``. Between the two only ``x`` and the small
 ``h = x Aᵀ`` (``N × r``) are kept, never a dense copy of the weight, and no ``N × out``

@@ -9,8 +9,10 @@ depends on structure reads it from here (docs/design.md §2):
   checkpoint validation, and ``load_adapters``' validation all use it.
 - :meth:`Layout.to_record` / :meth:`Layout.from_record`: the JSON form in ``adapters.json``
   and in the optimizer's ``state_dict`` (older records lacking fields load with defaults).
-- :func:`build_layer`: a layer in a given layout over a base module; :class:`ModuleSwap`
-  puts layers into a model and takes them back out if anything fails.
+
+Building a layer in a given layout lives with injection (:func:`adaptopt.surgery.inject.build_layer`);
+putting layers into a model and taking them back out, in :mod:`adaptopt.surgery.swap`. This module
+declares and imports nothing above it.
 
 The declared states (docs/design.md §2):
 
@@ -26,16 +28,12 @@ FULL                          no          4-bit: yes                 weight (4-b
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import torch
-from torch import nn
 
-from .modes import Mode
+from ..modes import Mode
 from .quant_config import QuantConfig
-
-if TYPE_CHECKING:
-    from .lora import LoRALinear
 
 
 class TensorSpec(NamedTuple):
@@ -159,84 +157,3 @@ def implied_by_state_dict(current: Layout, factor_rank: int | None, has_delta: b
         keep_frozen = current.quant is not None and current.mode is Mode.FROZEN
         return current.with_structure(Mode.FROZEN if keep_frozen else Mode.LORA, factor_rank, True)
     return current.with_structure(Mode.FULL if current.mode is Mode.FULL else Mode.FROZEN, current.rank, False)
-
-
-def build_layer(base: nn.Module, layout: Layout, name: str | None = None) -> "LoRALinear":
-    """A :class:`~adaptopt.LoRALinear` (or ``QuantLoRALinear`` for a 4-bit layout) over
-    ``base`` in ``layout``'s structure, its factors fresh (to be overwritten by a load)."""
-    from .inject import TargetInfo
-    from .lora import LoRALinear
-    args = (base, layout.rank, layout.alpha, layout.dropout, layout.rslora)
-    if layout.quant is not None:
-        from .quant import QuantLoRALinear
-        module: LoRALinear = QuantLoRALinear(*args, mode=Mode.FROZEN, quantize=layout.quant)
-    else:
-        module = LoRALinear(*args, mode=Mode.FROZEN)
-    module.adopt_layout(layout)
-    if name is not None:
-        module.target = TargetInfo.from_name(name)
-    return module
-
-
-class ModuleSwap:
-    """Replace submodules of ``model`` by name; :meth:`undo` puts every original back and
-    restores every parameter's ``requires_grad`` and changed-mark as they were when the swap
-    began. With ``follow_training=True`` a module put in takes the training flag of the module
-    it joins (a model loaded in eval mode gets loaded adapters in eval mode: no adapter dropout
-    at inference)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        from .changed_params import capture_marks
-        from .transitions import capture_requires_grad
-        self.model = model
-        self.flags = capture_requires_grad(model)
-        self.marks = capture_marks(model)
-        self._modules = dict(model.named_modules())
-        self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
-
-    def put(self, name: str, module: nn.Module, follow_training: bool = False) -> None:
-        parent_name, _, child = name.rpartition(".")
-        parent = self._modules[parent_name] if parent_name else self.model
-        self._replaced.append((parent, child, getattr(parent, child)))
-        if follow_training:
-            module.train(parent.training)
-        setattr(parent, child, module)
-
-    def undo(self) -> None:
-        from .changed_params import restore_marks
-        from .transitions import restore_requires_grad
-        for parent, child, original in reversed(self._replaced):
-            setattr(parent, child, original)
-        self._replaced.clear()
-        restore_requires_grad(self.flags)
-        restore_marks(self.marks)
-
-
-class RestorePoint:
-    """Everything an operation on ``model``'s existing adapter ``layers`` may change — their
-    layouts and tensors, every parameter's ``requires_grad`` and changed-mark — so that
-    :meth:`undo` can put it back when the operation fails midway."""
-
-    def __init__(self, model: nn.Module, layers: Mapping[str, "LoRALinear"]) -> None:
-        from .changed_params import capture_marks
-        from .transitions import capture_requires_grad, layer_tensors
-        self.flags = capture_requires_grad(model)
-        self.marks = capture_marks(model)
-        self.layers = dict(layers)
-        self.saved = {name: (m.layout(), {t: m.get_parameter(t).detach().clone() for t in layer_tensors(m)})
-                      for name, m in self.layers.items()}
-
-    def undo(self) -> None:
-        from .changed_params import restore_marks
-        from .transitions import restore_requires_grad
-        with torch.no_grad():
-            for name, (layout, tensors) in self.saved.items():
-                module = self.layers[name]
-                module.unmerge()
-                module.adopt_layout(layout)
-                for tensor, value in tensors.items():
-                    module.get_parameter(tensor).copy_(value)
-                if layout.merged:
-                    module.mark_merged_from_load()
-        restore_requires_grad(self.flags)
-        restore_marks(self.marks)

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .changed_params import mark_changed
+from ..modes import Mode
+from .changed_marks import mark_changed
 from .factors import (
     check_init,
     check_rank_alpha,
@@ -28,13 +29,12 @@ from .factors import (
     pissa_factors,
     svd_of_product,
 )
-from .fused import FusedLoRALinear, can_fuse
-from .layout import Layout, implied_by_state_dict
-from .modes import Mode
+from .fused_lora import FusedLoRALinear, can_fuse
+from .layout import Layout, TensorSpec, implied_by_state_dict
 from .quant_config import QuantConfig
 from .sharded import gathered, is_sharded, local_part, local_tensor, shard_like, with_sharding_of
-from .state_dict_names import holds_full_layer_state, read_plain_names, write_plain_names
-from .transitions import layer_tensors, sync_layer_requires_grad
+from .state_dict_keys import holds_full_layer_state, read_plain_names, write_plain_names
+from .trainable_flags import sync_layer_requires_grad
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -159,7 +159,7 @@ class LoRALinear(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.adapters_disabled:
-            return self.base(x)  # adaptopt.unload.disable_adapters: the base function only
+            return self.base(x)  # adaptopt.surgery.unload.disable_adapters: the base function only
         return self._adapted_forward(x)
 
     def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +172,7 @@ class LoRALinear(nn.Module):
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """LORA mode over a plain ``nn.Linear`` / ``Conv1D`` base without hooks of its own and
-        no adapter dropout: one autograd node does it all (:mod:`adaptopt.fused`)."""
+        no adapter dropout: one autograd node does it all (:mod:`adaptopt.layers.fused_lora`)."""
         base = self.base
         return (self.lora_A is not None and not self.merged and isinstance(self.dropout, nn.Identity)
                 and (type(base) is nn.Linear or is_conv1d(base))
@@ -241,7 +241,7 @@ class LoRALinear(nn.Module):
     def _add_to_base_weight(self, delta: torch.Tensor) -> None:
         """``W ← W + ΔW`` in place (fp32 or fp64 arithmetic, one rounding), keeping the Parameter's identity.
         An all-zero ``ΔW`` (a fresh adapter) leaves ``W`` untouched, and unmarked as changed. A
-        weight sharded by FSDP2 takes its own rows of ``ΔW`` on each rank (:mod:`adaptopt.sharded`)."""
+        weight sharded by FSDP2 takes its own rows of ``ΔW`` on each rank (:mod:`adaptopt.layers.sharded`)."""
         if not bool(delta.any()):
             return
         w = self.base.weight
@@ -313,7 +313,7 @@ class LoRALinear(nn.Module):
         self._move(mode, rank)
 
     def _move(self, mode: Mode, rank: int) -> None:
-        """:meth:`set_mode` after :meth:`check_transition` passed (``adaptopt.transitions`` checks
+        """:meth:`set_mode` after :meth:`check_transition` passed (``adaptopt.training.transitions`` checks
         every layer of a decision first, then moves them)."""
         was_merged = self.merged
         self.unmerge()
@@ -391,7 +391,7 @@ class LoRALinear(nn.Module):
 
     # ---------------------------------------------------------------- structure
     def layout(self) -> Layout:
-        """This layer's structure as a :class:`~adaptopt.layout.Layout`."""
+        """This layer's structure as a :class:`~adaptopt.layers.layout.Layout`."""
         return Layout(self._mode, self.rank, self.alpha, self.rslora, float(getattr(self.dropout, "p", 0.0)),
                       self._quant_layout(), self.lora_A is not None, self.merged)
 
@@ -423,7 +423,7 @@ class LoRALinear(nn.Module):
 
     def _state_dict_effective_weight(self) -> torch.Tensor | None:
         """What ``state_dict()`` writes under the plain ``weight`` name when it is not the base
-        weight itself: ``W + s·BA`` for unmerged factors (:mod:`adaptopt.state_dict_names`)."""
+        weight itself: ``W + s·BA`` for unmerged factors (:mod:`adaptopt.layers.state_dict_keys`)."""
         if self.lora_A is None or self.merged:
             return None
         weight = self.base.weight.detach()
@@ -435,14 +435,14 @@ class LoRALinear(nn.Module):
             return with_sharding_of(weight, local.contiguous())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
-        """Read the plain names (:mod:`adaptopt.state_dict_names`), take the structure a full
+        """Read the plain names (:mod:`adaptopt.layers.state_dict_keys`), take the structure a full
         state dict of this layer describes (factors of its rank, or none; a 4-bit layer's dense
         delta), then load the values as usual.
 
         This is what lets ``model.load_state_dict`` (and the HF Trainer's resume) load a
         checkpoint saved after transitions into a model still in its initial modes (and a whole,
         unsharded state dict into a model sharded by FSDP2: each rank takes its rows). Only the
-        structure is inferred (:func:`~adaptopt.layout.implied_by_state_dict`); the
+        structure is inferred (:func:`~adaptopt.layers.layout.implied_by_state_dict`); the
         optimizer's ``load_state_dict`` restores the exact modes. A partial state dict
         (without the weight) leaves the structure alone.
         """
@@ -460,11 +460,18 @@ class LoRALinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------- introspection
+    def tensor_specs(self, layout: Layout | None = None) -> dict[str, TensorSpec]:
+        """:meth:`Layout.tensors` for this layer, in its current layout unless one is given: the
+        tensors (names relative to the layer) it holds in that state and which of them train."""
+        layout = self.layout() if layout is None else layout
+        shape = None if layout.quant is not None else tuple(self.base.weight.shape)
+        return layout.tensors(self.in_features, self.out_features, shape, self.base.bias is not None)
+
     def mode_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` pairs the current mode trains (:meth:`Layout.tensors`):
         ``lora_A, lora_B`` in LORA, the weight (or 4-bit layers' dense ``delta``) and bias in
         FULL, none when FROZEN."""
-        return [(name, self.get_parameter(name)) for name, spec in layer_tensors(self).items() if spec.trains]
+        return [(name, self.get_parameter(name)) for name, spec in self.tensor_specs().items() if spec.trains]
 
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` pairs that train in the current mode (names relative to this module)."""

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._imports import require
+from .._imports import require
+from ..modes import Mode
 from .factors import check_init, factors_from_svd, lora_scaling, svd_dense
-from .file_pages import release_file_pages
-from .fused_quant import FusedQuantLoRALinear, can_fuse_quant
+from .fused_quant_lora import FusedQuantLoRALinear, can_fuse_quant
 from .lora import LoRALinear, is_quantized_linear, linear_geometry
-from .modes import Mode
+from .mapped_pages import release_file_pages
 from .quant_config import QUANT_TYPES, QuantConfig
 
 __all__ = ["QUANT_TYPES", "QuantConfig", "QuantLoRALinear", "dequantize", "keep_standard_layout", "quantize_linear"]
@@ -126,7 +126,7 @@ class QuantLoRALinear(LoRALinear):
             fan_in_fan_out = linear_geometry(base)[2]
             original = base.weight
             base = quantize_linear(base, config)
-            release_file_pages(original)  # its fp32 pages of a mapped checkpoint file (adaptopt/file_pages.py)
+            release_file_pages(original)  # its fp32 pages of a mapped checkpoint file (adaptopt/layers/mapped_pages.py)
         else:
             config = QuantConfig(base.weight.quant_type, base.compute_dtype, bool(base.weight.compress_statistics),
                                  int(base.weight.blocksize))
@@ -161,7 +161,7 @@ class QuantLoRALinear(LoRALinear):
 
     def _fusable_quant(self, x: torch.Tensor) -> bool:
         """Factors over the 4-bit base without a dense delta, adapter dropout or hooks on the base:
-        one autograd node that never keeps ``deq(Q)`` alive (:mod:`adaptopt.fused_quant`)."""
+        one autograd node that never keeps ``deq(Q)`` alive (:mod:`adaptopt.layers.fused_quant_lora`)."""
         base = self.base
         return (self.lora_A is not None and self.delta is None and isinstance(self.dropout, nn.Identity)
                 and not (base._forward_hooks or base._forward_pre_hooks)
@@ -202,7 +202,7 @@ class QuantLoRALinear(LoRALinear):
 
     def _state_dict_effective_weight(self) -> None:
         """The packed weight keeps the plain name: a dense loader stops on its shape instead of
-        loading a wrong function (:mod:`adaptopt.state_dict_names`)."""
+        loading a wrong function (:mod:`adaptopt.layers.state_dict_keys`)."""
         return None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -1,5 +1,5 @@
 """``QuantConfig``: how a 4-bit base weight is quantized (torch only; bitsandbytes is not needed
-to describe a quantization, only to perform it in :mod:`adaptopt.quant`)."""
+to describe a quantization, only to perform it in :mod:`adaptopt.layers.quant`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

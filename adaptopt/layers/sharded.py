@@ -4,7 +4,7 @@ Under FSDP2 a base weight is a ``DTensor`` of global shape ``(m, n)`` whose rows
 the ranks of a 1-D mesh (``Shard(0)``, ``torch.chunk`` sizes: rank ``k`` of ``R`` holds rows
 ``[k·c, min((k+1)·c, m))`` with ``c = ⌈m/R⌉``). LoRA factors are *replicated*: every rank holds
 the whole ``A`` and ``B``, started identically and updated with averaged gradients
-(:mod:`adaptopt.distributed`). So a fold needs no communication (docs/design.md §8):
+(:mod:`adaptopt.training.distributed`). So a fold needs no communication (docs/design.md §8):
 
 .. math::  W_{k} \leftarrow W_{k} + s\,B_{k}A,
 

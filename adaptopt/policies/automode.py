@@ -41,7 +41,7 @@ class AutoMode(Policy):
             each decision (``None``: on every step); their importance is aggregated over them
             (:mod:`adaptopt.scores.gradient`, which also lists the extra cost of a scored step).
         score: ``"cheap"`` (default: each layer's gradient norm estimated from what backward
-            computes anyway, :mod:`adaptopt.gradient_probes`), ``"probed"`` (LoRA layers also
+            computes anyway, :mod:`adaptopt.training.gradient_probes`), ``"probed"`` (LoRA layers also
             random-probed: closer to exact while adapters are fresh, ~9% more per scored step)
             or ``"exact"`` (``‖δᵀx‖_F``, one weight-gradient-sized GEMM per layer per scored step).
         freeze_from: progressive freezing (the source's "dynamic pruning"): from this decision on

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, NamedTuple
 
 from ..modes import Mode
-from ..names import matcher as name_matcher  # noqa: F401  (re-exported: policies match names with it)
-from ..names import name_matches as name_matches
-from ..peft_names import accepts_peft_names, with_our_names
+from ..name_patterns import matcher as name_matcher  # noqa: F401  (re-exported: policies match names with it)
+from ..name_patterns import name_matches as name_matches
+from ..peft_arguments import accepts_peft_names, with_our_names
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,10 @@ SCORES = ("cheap", "probed", "exact")  # gradient scores a policy may ask for (s
 
 
 class Statistics(NamedTuple):
-    """What the statistics hooks collect for a policy (:class:`adaptopt.layer_stats.StatsCollector`).
+    """What the statistics hooks collect for a policy (:class:`adaptopt.training.layer_stats.StatsCollector`).
 
     - ``gradient``: ``"exact"`` (``‖δᵀx‖_F``), ``"cheap"`` (estimated from the step's own
-      gradients, :mod:`adaptopt.gradient_probes`), ``"probed"`` (cheap, LoRA layers also
+      gradients, :mod:`adaptopt.training.gradient_probes`), ``"probed"`` (cheap, LoRA layers also
       probed) or ``None``;
     - ``activations``: sum the layers' input statistics (``act_rms``, ``act_mean_abs``);
     - ``frozen_layers``: score FROZEN layers too. ``False`` leaves them unhooked, so a frozen
@@ -100,7 +100,7 @@ class Policy:
     run_steps: int | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Every policy's constructor takes PEFT's names too (``LoRA(r=16)``; :mod:`adaptopt.peft_names`)."""
+        """Every policy's constructor takes PEFT's names too (``LoRA(r=16)``; :mod:`adaptopt.peft_arguments`)."""
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
             cls.__init__ = accepts_peft_names(cls.__dict__["__init__"])  # type: ignore[method-assign]

@@ -6,7 +6,7 @@ accumulates the squared Frobenius norm of the gradient its *full* weight would g
 
 .. math::  g_\ell = \sqrt{\tfrac{1}{B}\textstyle\sum_{b=1}^{B} \lVert \delta_b^\top x_b \rVert_F^2}
 
-over the ``B`` micro-batches since the last decision (see :class:`adaptopt.layer_stats.StatsCollector`).
+over the ``B`` micro-batches since the last decision (see :class:`adaptopt.training.layer_stats.StatsCollector`).
 A LoRA factor's own gradient (``s·BᵀG`` for ``A``) shrinks or grows with the adapter's
 state; ``g_ℓ`` does not, so a layer's score does not jump when its mode changes.
 

@@ -3,7 +3,7 @@ r"""Magnitude scores for rank allocation (docs/design.md §6): weight norms and 
 Weight: ``‖W‖_F`` and its size-free form ``rms(W) = ‖W‖_F / √(m·n)``.
 
 Activation magnitude of a target's input ``x`` over the tokens ``t`` of the batches seen
-while the statistics hooks were armed (:class:`adaptopt.layer_stats.StatsCollector`):
+while the statistics hooks were armed (:class:`adaptopt.training.layer_stats.StatsCollector`):
 
 .. math::  \mathrm{act\_rms} = \sqrt{\tfrac{1}{N}\textstyle\sum_t \lVert x_t\rVert^2 / d},\qquad
            \mathrm{act\_mean\_abs} = \tfrac{1}{N d}\textstyle\sum_t \lVert x_t\rVert_1

@@ -5,7 +5,7 @@
 - ``"auto"``: the known linear names of the architecture (``model.config.model_type``),
   inside numbered blocks; unknown architectures fall back to every linear layer except
   output heads (``lm_head``, ``classifier``, ``score``).
-- a name pattern, or a list of them (any one matching selects): :mod:`adaptopt.names`'
+- a name pattern, or a list of them (any one matching selects): :mod:`adaptopt.name_patterns`'
   dialect, a regex that fullmatches a run of the module name's dotted components
   (``"query"`` matches ``encoder.layer.0.attention.self.query``; ``r"layer\\.[0-2]"``
   every linear layer inside blocks 0–2; ``r"(query|value)"``). Only linear layers
@@ -23,13 +23,14 @@ from typing import Any, Iterable, Mapping, Pattern, Union
 
 from torch import nn
 
-from .factors import check_init, check_rank_alpha
-from .layout import ModuleSwap
-from .lora import LoRALinear, is_conv1d, is_quantized_linear
-from .modes import Mode
-from .names import matcher
-from .peft_names import accepts_peft_names
-from .quant import QuantConfig, QuantLoRALinear
+from ..layers.factors import check_init, check_rank_alpha
+from ..layers.layout import Layout
+from ..layers.lora import LoRALinear, is_conv1d, is_quantized_linear
+from ..layers.quant import QuantConfig, QuantLoRALinear
+from ..modes import Mode
+from ..name_patterns import matcher
+from ..peft_arguments import accepts_peft_names
+from .swap import ModuleSwap
 
 Targets = Union[str, Pattern[str], Iterable[str]]
 
@@ -206,7 +207,7 @@ def inject_with_undo(model: nn.Module, targets: Targets = "auto", rank: int = 8,
                      dropout: float = 0.0, rslora: bool = False, mode: Mode | str = Mode.LORA,
                      quantize: QuantConfig | str | Mapping[str, Any] | None = None, init: str = "default"
                      ) -> tuple[dict[str, LoRALinear], ModuleSwap]:
-    """:func:`inject_adapters`, also returning the :class:`~adaptopt.layout.ModuleSwap` whose
+    """:func:`inject_adapters`, also returning the :class:`~adaptopt.surgery.swap.ModuleSwap` whose
     ``undo()`` takes the adapters back out (the optimizer's constructor rolls back with it)."""
     check_rank_alpha(rank, alpha)
     mode = Mode.coerce(mode)
@@ -221,7 +222,7 @@ def inject_with_undo(model: nn.Module, targets: Targets = "auto", rank: int = 8,
     quant = None if quantize is None else QuantConfig.coerce(quantize)
     names = select_targets(model, targets)
     if quant is not None:
-        from ._imports import require
+        from .._imports import require
         require("bitsandbytes", extra="quant")
     modules = dict(model.named_modules())
     swap = ModuleSwap(model)
@@ -246,3 +247,17 @@ def inject_with_undo(model: nn.Module, targets: Targets = "auto", rank: int = 8,
         swap.undo()
         raise
     return wrapped, swap
+
+
+def build_layer(base: nn.Module, layout: Layout, name: str | None = None) -> LoRALinear:
+    """A :class:`~adaptopt.LoRALinear` (or ``QuantLoRALinear`` for a 4-bit layout) over
+    ``base`` in ``layout``'s structure, its factors fresh (to be overwritten by a load)."""
+    args = (base, layout.rank, layout.alpha, layout.dropout, layout.rslora)
+    if layout.quant is not None:
+        module: LoRALinear = QuantLoRALinear(*args, mode=Mode.FROZEN, quantize=layout.quant)
+    else:
+        module = LoRALinear(*args, mode=Mode.FROZEN)
+    module.adopt_layout(layout)
+    if name is not None:
+        module.target = TargetInfo.from_name(name)
+    return module

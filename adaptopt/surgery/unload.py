@@ -19,10 +19,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .changed_params import is_changed
+from ..layers.changed_marks import is_changed
+from ..layers.lora import LoRALinear
 from .inject import require_adapters
-from .layout import ModuleSwap
-from .lora import LoRALinear
+from .swap import ModuleSwap
 
 
 def plain_layer(layer: LoRALinear) -> nn.Module:

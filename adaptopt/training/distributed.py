@@ -28,9 +28,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from ..modes import Mode
+from ..policies import LayerDecision
 from .layer_stats import LayerStats, StatsCollector
-from .modes import Mode
-from .policies import LayerDecision
 
 MODE_CODES = {mode: float(i) for i, mode in enumerate(Mode)}
 ABSENT = -1.0

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .sharded import is_sharded, local_tensor
+from ..layers.sharded import is_sharded, local_tensor
 
 PROBES = 16
 

@@ -8,7 +8,7 @@ While armed, each target layer accumulates (on device, no host sync):
   would receive (``δ`` = gradient at the layer output), whatever the layer's mode. This
   makes gradient scores comparable across FROZEN / LORA / FULL (docs/design.md §6). With
   ``gradient="cheap"`` / ``"probed"`` the same quantity is estimated per optimizer step from
-  what backward computes anyway (:mod:`adaptopt.gradient_probes`) and the GEMM below is not paid.
+  what backward computes anyway (:mod:`adaptopt.training.gradient_probes`) and the GEMM below is not paid.
 
 Costs on an armed step: one extra ``(out × N) @ (N × in)`` matmul per layer in the
 backward pass (the size of a full weight gradient), and autograd through frozen layers
@@ -80,7 +80,7 @@ class StatsCollector:
 
     ``gradient="exact"`` computes ``‖δᵀx‖_F`` per micro-batch (one weight-gradient-sized GEMM
     per layer); ``"cheap"`` estimates the step's ``‖G‖_F`` from what backward computes anyway
-    (:mod:`adaptopt.gradient_probes`), fed by :meth:`observe_step`; ``"probed"`` adds random
+    (:mod:`adaptopt.training.gradient_probes`), fed by :meth:`observe_step`; ``"probed"`` adds random
     probes to LoRA layers' estimates; ``None`` collects no gradient score.
     ``activations=False`` skips the input statistics.
     """

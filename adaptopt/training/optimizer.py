@@ -17,7 +17,6 @@ promoted later. A layer's LR scale multiplies its groups' scheduled lr during th
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping
@@ -25,6 +24,16 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..layers.lora import LoRALinear
+from ..layers.sharded import gathered, is_sharded, local_tensor, refuse_sharded_4bit
+from ..modes import Mode
+from ..peft_arguments import accepts_peft_names
+from ..policies import LayerDecision, LayerView, Policy, build_policy
+from ..policies.base import check_positive_int
+from ..scores import FAMILY_KEYS, weight_scores
+from ..surgery.inject import DEFAULT_ALPHA, DEFAULT_RANK, Targets, find_adapters, inject_with_undo, warn_if_rewrapped
+from ..surgery.swap import RestorePoint
+from .arguments import TASK_HEADS, check_arguments
 from .distributed import (
     ReplicatedGradients,
     active_group,
@@ -33,23 +42,10 @@ from .distributed import (
     broadcast_decisions,
     broadcast_parameters,
 )
-from .inject import DEFAULT_ALPHA, DEFAULT_RANK, Targets, find_adapters, inject_with_undo, warn_if_rewrapped
 from .layer_stats import StatsCollector
-from .layout import RestorePoint
-from .lora import LoRALinear
-from .modes import Mode
-from .optimizer_state import optimizer_state, restore_optimizer_state
-from .peft_names import PEFT_NAMES, accepts_peft_names
-from .policies import LayerDecision, LayerView, Policy, build_policy
-from .policies.base import check_positive_int
-from .scores import FAMILY_KEYS, weight_scores
-from .sharded import is_sharded, local_tensor, refuse_sharded_4bit
+from .optimizer_state import STATE_FORMAT, moment_like, plain_config, validate_state_dict
 from .summary import layer_table, one_line
 from .transitions import TrainRules, apply_decisions, check_consistency, plan_trainable, reconcile
-
-TASK_HEADS = ("classifier", "score")
-LORA_LR_MULTIPLE = 10.0
-NONFINITE = ("skip", "raise", "ignore")
 
 
 def _from_families(key: str, families: Iterable[str]) -> bool:
@@ -57,16 +53,6 @@ def _from_families(key: str, families: Iterable[str]) -> bool:
     return any(key in FAMILY_KEYS[f] for f in families)
 
 
-
-def check_adamw_arguments(adamw_kwargs: Mapping[str, Any]) -> None:
-    """Refuse keywords that neither AdaptiveOptimizer nor AdamW takes, naming both lists."""
-    adamw = [n for n in inspect.signature(torch.optim.AdamW).parameters if n not in ("params", "lr")]
-    unknown = sorted(set(adamw_kwargs) - set(adamw))
-    if unknown:
-        ours = [n for n in inspect.signature(AdaptiveOptimizer.__init__).parameters
-                if n not in ("self", "adamw_kwargs")]
-        raise TypeError(f"AdaptiveOptimizer got unexpected argument(s) {unknown}: its own are {ours} "
-                        f"(PEFT's names {sorted(PEFT_NAMES)} work too), and it passes {adamw} to AdamW")
 
 class AdaptiveOptimizer(torch.optim.Optimizer):
     """AdamW over a model whose target layers a policy moves between FROZEN, LORA and FULL.
@@ -97,7 +83,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             ``"ignore"`` (no check, no host sync).
         process_group: under ``torch.distributed``, the ranks that must agree (default: the
             world when it is initialized). Scores are summed over them and rank 0's decisions
-            applied everywhere (:mod:`adaptopt.distributed`).
+            applied everywhere (:mod:`adaptopt.training.distributed`).
         **adamw_kwargs: passed to ``torch.optim.AdamW`` (``betas``, ``eps``, ``weight_decay``,
             ``foreach`` defaults to True, ...).
 
@@ -113,22 +99,9 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                  trainable: Iterable[str] = TASK_HEADS, frozen: Iterable[str] = (),
                  steps_per_epoch: int | None = None, total_steps: int | None = None, nonfinite: str = "skip",
                  process_group: Any = None, **adamw_kwargs: Any) -> None:
-        for label, value in (("lr", lr), ("lora_lr", lora_lr)):
-            if value is None and label == "lora_lr":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{label} must be a finite number ≥ 0 (a float, not a string), got {value!r}")
-        lora_lr = lr * LORA_LR_MULTIPLE if lora_lr is None else lora_lr
-        if lora_plus_ratio is not None and (isinstance(lora_plus_ratio, bool) or not isinstance(
-                lora_plus_ratio, (int, float)) or not math.isfinite(lora_plus_ratio) or lora_plus_ratio <= 0):
-            raise ValueError(f"lora_plus_ratio must be a finite number > 0 (LoRA+ uses e.g. 16) or None, "
-                             f"got {lora_plus_ratio!r}")
-        self.lora_plus_ratio = None if lora_plus_ratio is None else float(lora_plus_ratio)
-        if nonfinite not in NONFINITE:
-            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-        check_positive_int("steps_per_epoch", steps_per_epoch, allow_none=True)
-        check_positive_int("total_steps", total_steps, allow_none=True)
-        check_adamw_arguments(adamw_kwargs)
+        own = [n for n in inspect.signature(AdaptiveOptimizer.__init__).parameters if n not in ("self", "adamw_kwargs")]
+        lora_lr, self.lora_plus_ratio = check_arguments(lr, lora_lr, lora_plus_ratio, nonfinite, steps_per_epoch,
+                                                        total_steps, adamw_kwargs, own)
         adamw_kwargs.setdefault("foreach", True)
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr, **adamw_kwargs)  # validates betas, eps, ...
         self.policy = build_policy(policy)
@@ -331,8 +304,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                      for k, v in decisions.items()}, reason="manual")
 
     def _apply(self, decisions: Mapping[str, LayerDecision], reason: str) -> None:
-        """Carry decisions out (:func:`~adaptopt.transitions.apply_decisions`), log them, and
-        make the trained set follow (:func:`~adaptopt.transitions.reconcile`)."""
+        """Carry decisions out (:func:`~adaptopt.training.transitions.apply_decisions`), log them, and
+        make the trained set follow (:func:`~adaptopt.training.transitions.reconcile`)."""
         records = apply_decisions(self.layers, decisions, self.lr_scales)
         for record in records:
             self.history.append({"step": self.step_count, "layer": record["layer"], "reason": reason,
@@ -379,7 +352,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
 
     def check_consistency(self) -> dict[str, Any]:
         """Verify, and record in ``last_check``, that the trainable set, the optimizer's
-        parameters and its state entries agree (:func:`~adaptopt.transitions.check_consistency`)."""
+        parameters and its state entries agree (:func:`~adaptopt.training.transitions.check_consistency`)."""
         self.last_check = check_consistency(self.model, self.inner, self.step_count)
         return self.last_check
 
@@ -398,19 +371,65 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Modes, ranks, LR scales, scores, history, group hyper-parameters and Adam state,
-        keyed by parameter *name* (plain types and tensors only: loads with weights_only;
-        :func:`adaptopt.optimizer_state.optimizer_state`)."""
-        return optimizer_state(self)
+        """Modes, ranks, LR scales, scores, history, group hyper-parameters and Adam state, keyed
+        by parameter *name*: plain types and tensors only, so it loads with ``weights_only``
+        (format ``adaptopt.AdaptiveOptimizer/1``, docs/design.md §9). Under FSDP2 the Adam moments
+        are gathered whole, as one process writes them."""
+        names = {p: n for n, p in self.model.named_parameters()}
+        return {
+            "format": STATE_FORMAT, "step": self.step_count, "skipped_steps": self.skipped_steps,
+            "layers": {name: {**m.layout().to_record(), "lr_scale": self.lr_scales[name],
+                              "quantized": m.layout().quant is not None} for name, m in self.layers.items()},
+            "scores": {k: dict(v) for k, v in self.scores.items()},
+            "history": [dict(h) for h in self.history],
+            "score_log": [dict(e) for e in self.score_log],
+            "collector": self.collector.state_dict(),
+            "groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+            "roles": [list(r) for r in self._roles],
+            "state": {names[p]: {k: gathered(v) if torch.is_tensor(v) else v for k, v in s.items()}
+                      for p, s in self.inner.state.items()},
+            "policy": plain_config(self.policy.config()),
+        }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
         """Rebuild every layer's mode and rank, then restore the Adam state by parameter name.
 
         Call it on a fresh model + fresh optimizer *before* loading the model's weights (the
-        modules must have the right shape first). The whole dict is validated first: a
-        checkpoint from a different model, with missing or extra layers or parameters,
-        mismatched shapes or malformed values raises one ``ValueError`` naming them, and
-        changes nothing (:func:`adaptopt.optimizer_state.restore_optimizer_state`).
+        modules must have the right shape first). The whole dict is validated first
+        (:func:`~adaptopt.training.optimizer_state.validate_state_dict`): a checkpoint from a
+        different model, with missing or extra layers or parameters, mismatched shapes or
+        malformed values raises one ``ValueError`` naming them, and changes nothing.
         """
-        if restore_optimizer_state(self, state_dict):
+        sd = state_dict
+        layouts = validate_state_dict(sd, layouts_now={n: m.layout() for n, m in self.layers.items()},
+                                      roles=self._roles, group_count=len(self.param_groups), plan=self.plan,
+                                      amsgrad=bool(self.defaults.get("amsgrad", False)))
+        saved_policy = sd.get("policy")
+        if saved_policy is not None and saved_policy != plain_config(self.policy.config()):
+            warnings.warn(f"this checkpoint was written with policy {saved_policy}, this optimizer runs "
+                          f"{plain_config(self.policy.config())}: its modes and state load, and this policy decides "
+                          "from here on", stacklevel=2)
+        for name, layout in layouts.items():
+            self.layers[name].adopt_layout(layout)
+            self.lr_scales[name] = float(sd["layers"][name]["lr_scale"])
+        changed = self._reconcile()
+        params = dict(self.model.named_parameters())
+        self.inner.state.clear()
+        for pname, values in sd["state"].items():
+            p = params[pname]
+            self.inner.state[p] = {k: (moment_like(p, v.to(device=p.device, dtype=p.dtype if k != "step" else v.dtype))
+                                       if torch.is_tensor(v) else v) for k, v in values.items()}
+        for group, saved in zip(self.param_groups, sd["groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.step_count = int(sd["step"])
+        self.skipped_steps = int(sd.get("skipped_steps", 0))
+        self.scores = {name: dict(sd["scores"].get(name, {})) for name in self.layers}
+        self.history = [dict(h) for h in sd["history"]]
+        self.score_log = [dict(e) for e in sd.get("score_log", [])]
+        self.collector.load_state_dict(sd.get("collector", {}))
+        self.collector.window_seed = max((int(e.get("step", 0)) for e in self.score_log), default=0)
+        self.collector.disarm()
+        self.check_consistency()
+        self._arm_for(self.step_count + 1)
+        if changed:
             self._run_transition_hooks()

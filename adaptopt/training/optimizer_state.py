@@ -1,19 +1,18 @@
-"""The optimizer's checkpoint format (``adaptopt.AdaptiveOptimizer/1``, docs/design.md §9):
-writing it, validating a state dict whole before anything is loaded, and restoring it."""
+"""The optimizer's checkpoint format (``adaptopt.AdaptiveOptimizer/1``, docs/design.md §9) and its
+validation: :func:`validate_state_dict` checks a whole state dict against explicit facts about
+the optimizer it would load into (its layers, group roles, group count, trainable plan) and
+changes nothing. :meth:`AdaptiveOptimizer.state_dict` writes the format and
+:meth:`AdaptiveOptimizer.load_state_dict` restores it, after this validation passed."""
 from __future__ import annotations
 
 import math
-import warnings
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
-from .layout import Layout
-from .modes import Mode
-from .sharded import gathered, is_sharded, shard_like
-
-if TYPE_CHECKING:
-    from .optimizer import AdaptiveOptimizer
+from ..layers.layout import Layout
+from ..layers.sharded import is_sharded, shard_like
+from ..modes import Mode
 
 STATE_FORMAT = "adaptopt.AdaptiveOptimizer/1"
 
@@ -102,11 +101,15 @@ def _check_plain(sd: Mapping[str, Any], problems: list[str]) -> None:
         problems.append("state: expected a mapping of parameter name → Adam state")
 
 
-def validate_state_dict(opt: "AdaptiveOptimizer", sd: Mapping[str, Any]) -> dict[str, Layout]:
-    """Check a whole optimizer state dict against ``opt`` and its model before anything is
-    loaded — keys, types, layer records, LR scales, group hyper-parameters, and every Adam
-    moment (present, finite, the right shape, second moments ≥ 0); return the layout every
-    layer will take. Raises one ``ValueError`` listing every problem; changes nothing."""
+def validate_state_dict(sd: Mapping[str, Any], *, layouts_now: Mapping[str, Layout], roles: list[tuple[str, Any]],
+                        group_count: int, plan: Callable[[Mapping[str, Layout]], Mapping[str, tuple[Any, tuple]]],
+                        amsgrad: bool) -> dict[str, Layout]:
+    """Check a whole optimizer state dict before anything is loaded — keys, types, layer records,
+    LR scales, group hyper-parameters, and every Adam moment (present, finite, the right shape,
+    second moments ≥ 0) — against the optimizer it would load into: its layers' current
+    ``layouts_now``, its group ``roles`` and ``group_count``, and ``plan(layouts)``, what would
+    train (and its shapes) with the layers in given layouts. Returns the layout every layer will
+    take. Raises one ``ValueError`` listing every problem. Pure: nothing is changed."""
     if not isinstance(sd, Mapping) or sd.get("format") != STATE_FORMAT:
         found = sd.get("format") if isinstance(sd, Mapping) else type(sd).__name__
         raise ValueError(f"not an AdaptiveOptimizer checkpoint (format {found!r}, expected {STATE_FORMAT!r})")
@@ -116,21 +119,21 @@ def validate_state_dict(opt: "AdaptiveOptimizer", sd: Mapping[str, Any]) -> dict
                          "AdaptiveOptimizer.state_dict()?)")
     problems: list[str] = []
     _check_plain(sd, problems)
-    _check_groups(sd["groups"], len(opt.param_groups), problems)
+    _check_groups(sd["groups"], group_count, problems)
     if not isinstance(sd["layers"], Mapping):
         problems.append("layers: expected a mapping of layer name → record")
     else:
-        saved, ours = set(sd["layers"]), set(opt.layers)
+        saved, ours = set(sd["layers"]), set(layouts_now)
         if saved - ours:
             problems.append(f"layers in the checkpoint but not in this model: {sorted(saved - ours)[:8]}")
         if ours - saved:
             problems.append(f"layers of this model missing from the checkpoint: {sorted(ours - saved)[:8]}")
-        if not isinstance(sd["roles"], list) or [tuple(r) for r in sd["roles"]] != opt._roles:
+        if not isinstance(sd["roles"], list) or [tuple(r) for r in sd["roles"]] != list(roles):
             problems.append("parameter groups differ (different targets or target order)")
     layouts: dict[str, Layout] = {}
     if not problems:
         for name, record in sd["layers"].items():
-            current = opt.layers[name].layout()
+            current = layouts_now[name]
             try:
                 layouts[name] = Layout.from_record({k: v for k, v in record.items() if k != "merged"}, current)
             except (KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -142,9 +145,7 @@ def validate_state_dict(opt: "AdaptiveOptimizer", sd: Mapping[str, Any]) -> dict
                 problems.append(f"layers[{name!r}].lr_scale: expected a finite number ≥ 0, got "
                                 f"{record.get('lr_scale')!r}")
     if not problems:
-        expected = {pname: shape for pname, (_, shape) in
-                    opt.plan(layouts).items()}
-        amsgrad = bool(opt.defaults.get("amsgrad", False))
+        expected = {pname: shape for pname, (_, shape) in plan(layouts).items()}
         for pname, values in sd["state"].items():
             if pname not in expected:
                 problems.append(f"state for {pname!r}, which would not train in this model")
@@ -157,65 +158,9 @@ def validate_state_dict(opt: "AdaptiveOptimizer", sd: Mapping[str, Any]) -> dict
     return layouts
 
 
-def optimizer_state(opt: "AdaptiveOptimizer") -> dict[str, Any]:
-    """What ``opt.state_dict()`` returns (see :meth:`AdaptiveOptimizer.state_dict`)."""
-    names = {p: n for n, p in opt.model.named_parameters()}
-    return {
-        "format": STATE_FORMAT,
-        "step": opt.step_count,
-        "skipped_steps": opt.skipped_steps,
-        "layers": {name: {**m.layout().to_record(), "lr_scale": opt.lr_scales[name],
-                          "quantized": m.layout().quant is not None}
-                   for name, m in opt.layers.items()},
-        "scores": {k: dict(v) for k, v in opt.scores.items()},
-        "history": [dict(h) for h in opt.history],
-        "score_log": [dict(e) for e in opt.score_log],
-        "collector": opt.collector.state_dict(),
-        "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
-        "roles": [list(r) for r in opt._roles],
-        "state": {names[p]: {k: gathered(v) if torch.is_tensor(v) else v for k, v in s.items()}
-                  for p, s in opt.inner.state.items()},  # FSDP2: whole moments, as one process writes them
-        "policy": plain_config(opt.policy.config()),
-    }
-
-
-def _moment_like(p: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
+def moment_like(p: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
     """A saved moment (whole, as :func:`optimizer_state` writes it) for ``p``: this rank's rows
     of it when FSDP2 shards ``p`` (so a checkpoint loads at any world size)."""
     if is_sharded(p) and not is_sharded(saved) and saved.dim() > 0:
         return shard_like(p, saved)
     return saved.clone()
-
-
-def restore_optimizer_state(opt: "AdaptiveOptimizer", sd: Mapping[str, Any]) -> bool:
-    """Validate ``sd`` whole, then give every layer its saved layout and restore the rest.
-    Returns whether the set of trained parameters changed (the caller runs its hooks)."""
-    layouts = validate_state_dict(opt, sd)
-    saved_policy = sd.get("policy")
-    if saved_policy is not None and saved_policy != plain_config(opt.policy.config()):
-        warnings.warn(f"this checkpoint was written with policy {saved_policy}, this optimizer runs "
-                      f"{plain_config(opt.policy.config())}: its modes and state load, and this policy decides "
-                      "from here on", stacklevel=3)
-    for name, layout in layouts.items():
-        opt.layers[name].adopt_layout(layout)
-        opt.lr_scales[name] = float(sd["layers"][name]["lr_scale"])
-    changed = opt._reconcile()
-    params = dict(opt.model.named_parameters())
-    opt.inner.state.clear()
-    for pname, values in sd["state"].items():
-        p = params[pname]
-        opt.inner.state[p] = {k: (_moment_like(p, v.to(device=p.device, dtype=p.dtype if k != "step" else v.dtype))
-                                  if torch.is_tensor(v) else v) for k, v in values.items()}
-    for group, saved in zip(opt.param_groups, sd["groups"]):
-        group.update({k: v for k, v in saved.items() if k != "params"})
-    opt.step_count = int(sd["step"])
-    opt.skipped_steps = int(sd.get("skipped_steps", 0))
-    opt.scores = {name: dict(sd["scores"].get(name, {})) for name in opt.layers}
-    opt.history = [dict(h) for h in sd["history"]]
-    opt.score_log = [dict(e) for e in sd.get("score_log", [])]
-    opt.collector.load_state_dict(sd.get("collector", {}))
-    opt.collector.window_seed = max((int(e.get("step", 0)) for e in opt.score_log), default=0)
-    opt.collector.disarm()
-    opt.check_consistency()
-    opt._arm_for(opt.step_count + 1)
-    return changed

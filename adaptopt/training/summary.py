@@ -6,7 +6,7 @@ from typing import Iterable, Mapping
 
 from torch import nn
 
-from .modes import Mode
+from ..modes import Mode
 
 
 def layer_table(model: nn.Module, layers: Mapping[str, nn.Module], lr_scales: Mapping[str, float],

@@ -1,18 +1,18 @@
 """The state machine's moving parts: applying decisions, and deciding what trains.
 
-This module is the only place that writes ``requires_grad`` on a model's parameters, and the
-only place that changes the optimizer's group membership or drops Adam state
-(docs/design.md §3–§4). The path of a decision:
+This module is the only place that changes the optimizer's group membership or drops Adam
+state; the ``requires_grad`` flags it decides are written through
+:mod:`adaptopt.layers.trainable_flags`, their one writer (docs/design.md §3–§4). The path of a decision:
 
 1. :func:`apply_decisions` checks every changing layer first (a failed check changes
    nothing), then moves each one (``LoRALinear._move``: function-preserving, checked once),
    and returns the history records;
 2. :func:`plan_trainable` (pure) says which parameter trains in which group, from the layers'
-   :class:`~adaptopt.layout.Layout` s and the :class:`TrainRules`;
+   :class:`~adaptopt.layers.layout.Layout` s and the :class:`TrainRules`;
 3. :func:`reconcile` makes ``requires_grad``, the groups and the Adam state follow the plan.
 
-A layer used on its own (no optimizer) keeps its own flags in step with its mode through
-:func:`sync_layer_requires_grad`.
+A layer used on its own (no optimizer) keeps its own flags in step with its mode
+(:func:`adaptopt.layers.trainable_flags.sync_layer_requires_grad`).
 """
 from __future__ import annotations
 
@@ -22,14 +22,15 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .changed_params import mark_changed
-from .layout import Layout
-from .modes import Mode
-from .names import matcher
+from ..layers.changed_marks import mark_changed
+from ..layers.layout import Layout
+from ..layers.trainable_flags import train_exactly
+from ..modes import Mode
+from ..name_patterns import matcher
 
 if TYPE_CHECKING:
-    from .lora import LoRALinear
-    from .policies.base import LayerDecision
+    from ..layers.lora import LoRALinear
+    from ..policies.base import LayerDecision
 
 Role = tuple[str, "str | None"]   # ("other", None), ("full" | "lora" | "lora_b", layer name)
 OTHER: Role = ("other", None)
@@ -44,7 +45,7 @@ class TrainRules:
     - else ``train_other`` trains everything, or only what ``trainable`` patterns name.
 
     Candidates are every floating parameter outside the target layers, plus the targets'
-    biases (BitFit trains them in any mode). Patterns use :mod:`adaptopt.names`.
+    biases (BitFit trains them in any mode). Patterns use :mod:`adaptopt.name_patterns`.
     """
 
     train_other: bool = False
@@ -64,31 +65,6 @@ class TrainRules:
 
 
 # --------------------------------------------------------------------------- layers
-def layer_tensors(module: "LoRALinear", layout: Layout | None = None) -> dict[str, Any]:
-    """``layout.tensors(...)`` for ``module`` (its current layout unless one is given)."""
-    layout = module.layout() if layout is None else layout
-    weight = module.base.weight
-    shape = None if layout.quant is not None else tuple(weight.shape)
-    return layout.tensors(module.in_features, module.out_features, shape, module.base.bias is not None)
-
-
-def sync_layer_requires_grad(module: "LoRALinear") -> None:
-    """A layer's own flags from its layout: what its mode trains requires grad, nothing else."""
-    specs = layer_tensors(module)
-    for name, p in module.named_parameters():
-        spec = specs.get(name)
-        p.requires_grad_(bool(spec and spec.trains))
-
-
-def capture_requires_grad(model: nn.Module) -> dict[nn.Parameter, bool]:
-    return {p: p.requires_grad for p in model.parameters()}
-
-
-def restore_requires_grad(flags: Mapping[nn.Parameter, bool]) -> None:
-    for p, flag in flags.items():
-        p.requires_grad_(flag)
-
-
 def apply_decisions(layers: Mapping[str, "LoRALinear"], decisions: Mapping[str, "LayerDecision"],
                     lr_scales: dict[str, float]) -> list[dict[str, Any]]:
     """Carry out ``decisions`` on ``layers`` (and ``lr_scales``); return one record per layer
@@ -147,7 +123,7 @@ def plan_trainable(model: nn.Module, layers: Mapping[str, "LoRALinear"], rules: 
     for name, module in layers.items():
         layout = layouts[name]
         role: Role = ("lora" if layout.mode is Mode.LORA else "full", name)
-        for tensor, spec in layer_tensors(module, layout).items():
+        for tensor, spec in module.tensor_specs(layout).items():
             if spec.trains:
                 own = ("lora_b", name) if separate_b and role[0] == "lora" and tensor == "lora_B" else role
                 plan[f"{name}.{tensor}"] = (own, spec.shape)
@@ -167,7 +143,7 @@ def reconcile(model: nn.Module, optimizer: torch.optim.Optimizer, group_of_role:
     Parameters that stay in training keep their state (and their place in their group);
     parameters that leave get ``requires_grad=False``, ``grad=None`` and no state (AdamW
     would otherwise still move them on a zero gradient through its momentum). Everything
-    in a group is marked changed (:mod:`adaptopt.changed_params`). Returns whether the trained set
+    in a group is marked changed (:mod:`adaptopt.layers.changed_marks`). Returns whether the trained set
     (or its grouping) changed.
     """
     desired = {model.get_parameter(pname): group_of_role[role] for pname, (role, _) in plan.items()}
@@ -187,9 +163,8 @@ def reconcile(model: nn.Module, optimizer: torch.optim.Optimizer, group_of_role:
         groups[index]["params"].append(p)
     in_groups = {p for g in groups for p in g["params"]}
     mark_changed(*in_groups)
+    train_exactly(model, in_groups)
     for p in model.parameters():
-        if p.is_floating_point():
-            p.requires_grad_(p in in_groups)
         if p not in in_groups:
             p.grad = None
     return [list(map(id, ps)) for ps in before] != [list(map(id, g["params"])) for g in groups]

@@ -7,7 +7,7 @@ The model is in AutoMode's post-decision modes (one block FULL, five LoRA r=16; 
 
 1. step time, interleaved medians in one process: a plain AdamW step over the same trainable
    set, an unscored AdaptiveOptimizer step, a step scored cheaply (``AutoMode(score="cheap")``,
-   :mod:`adaptopt.gradient_probes`) and one scored exactly (``‖δᵀx‖_F`` per layer). Goal: cheap
+   :mod:`adaptopt.training.gradient_probes`) and one scored exactly (``‖δᵀx‖_F`` per layer). Goal: cheap
    scored ≤ 1.05 × unscored;
    (``--score probed`` measures AutoMode's ``score="probed"`` instead.)
 2. AutoMode's amortised overhead over an interval of ``I`` steps with ``w`` scored and one decision:
@@ -33,8 +33,8 @@ from interleave import interleaved_medians  # noqa: E402
 from optimizer_overhead import build, plain_adamw  # noqa: E402
 
 from adaptopt import AdaptiveOptimizer, Fixed, Mode  # noqa: E402
-from adaptopt.layer_stats import StatsCollector  # noqa: E402
 from adaptopt.scores.gradient import unit_importance, units  # noqa: E402
+from adaptopt.training.layer_stats import StatsCollector  # noqa: E402
 from tests.helpers import spearman  # noqa: E402
 
 
@@ -44,8 +44,8 @@ def real_batches(model_name: str, count: int, batch: int, seq: int, vocab: int) 
     if model_name != "minilm":
         return [(torch.randint(0, vocab, (batch, seq), generator=generator),
                  torch.randint(0, 2, (batch,), generator=generator)) for _ in range(count)]
-    from integrations.data import load_data
-    from integrations.models import load_model
+    from adaptopt.cli.data import load_data
+    from adaptopt.cli.models import load_model
     data = load_data({"name": "rotten_tomatoes", "max_train": count * batch})
     tokenizer = load_model({"name": "minilm"}, "base")[1]
     out = []

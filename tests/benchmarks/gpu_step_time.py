@@ -24,7 +24,7 @@ CANDIDATES = ("full", "lora", "qlora")
 
 def build(kind: str, dtype: torch.dtype):
     from adaptopt import AdaptiveOptimizer
-    from integrations.models import load_model
+    from adaptopt.cli.models import load_model
     torch.manual_seed(0)
     model, _ = load_model({"name": "smollm2-135m"}, "causal_lm")
     model = model.to("cuda", dtype).train()

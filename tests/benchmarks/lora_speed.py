@@ -7,7 +7,7 @@ adapter dropout, on every linear target (query, key, value, dense); the head tra
 run. Candidates, one training step each = forward + backward + AdamW step:
 
 - ``full``: every parameter trains;
-- ``adaptopt``: ``inject_adapters`` (the fused LoRA node, :mod:`adaptopt.fused`);
+- ``adaptopt``: ``inject_adapters`` (the fused LoRA node, :mod:`adaptopt.layers.fused_lora`);
 - ``adaptopt composite``: the same modules forced onto the unfused path (what fusing buys);
 - ``peft``: ``peft.get_peft_model`` with the same rank, alpha, targets (PEFT is only a
   benchmark/test dependency);
@@ -40,7 +40,7 @@ CANDIDATES = ("full", "adaptopt", "adaptopt composite", "peft", "frozen floor", 
 
 
 def base_model() -> torch.nn.Module:
-    from integrations.models import load_model
+    from adaptopt.cli.models import load_model
     torch.manual_seed(0)
     model, _ = load_model({"name": "minilm"}, "classification", 2)
     return model
@@ -100,7 +100,7 @@ def saved_bytes(model, data) -> int:
 
 
 def peak_rss_child(kind: str, batch: int, seq: int) -> float:
-    from integrations.runner import peak_rss_mb
+    from adaptopt.cli.runner import peak_rss_mb
     model, opt = build(kind, base_model())
     train_steps(model, opt, batches(3, batch, seq))
     return peak_rss_mb()

@@ -37,7 +37,7 @@ from adaptopt import AdaptiveOptimizer, Mode, find_adapters  # noqa: E402
 def build(model_name: str, hidden: int = 128, layers: int = 4) -> torch.nn.Module:
     torch.manual_seed(0)
     if model_name == "minilm":
-        from integrations.models import load_model
+        from adaptopt.cli.models import load_model
         return load_model({"name": "minilm"}, "classification", 2)[0]
     from transformers import BertConfig, BertForSequenceClassification
     config = BertConfig(vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,

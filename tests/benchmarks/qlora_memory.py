@@ -4,7 +4,7 @@
 
 Same model, same batches, LoRA r=16, alpha=32 on every "auto" target, AdamW on the factors;
 ``qlora`` puts NF4 (bitsandbytes) bases under the same adapters, so its LoRA layers run through
-the fused 4-bit node (adaptopt/fused_quant.py). Memory: each candidate trains 3 steps in a fresh
+the fused 4-bit node (adaptopt/layers/fused_quant_lora.py). Memory: each candidate trains 3 steps in a fresh
 process and reports its peak RSS (VmHWM). Every process imports bitsandbytes first, as every
 process that imports transformers' Trainer does (the import alone costs ~0.1 GB of RSS here,
 printed below), so the comparison is of training, not of imports. Time: both candidates in
@@ -29,7 +29,7 @@ SHAPES = {"minilm": (16, 128), "smollm2-135m": (4, 128)}  # batch, sequence
 
 def build(model_name: str, kind: str):
     from adaptopt import inject_adapters
-    from integrations.models import load_model
+    from adaptopt.cli.models import load_model
     torch.manual_seed(0)
     task = "classification" if model_name == "minilm" else "causal_lm"
     model, _ = load_model({"name": model_name}, task, 2)
@@ -63,7 +63,7 @@ def train_steps(model, opt, data) -> float:
 
 def peak_child(model_name: str, kind: str) -> tuple[float, float]:
     import adaptopt  # noqa: F401  (first, as in any adaptopt process: it quiets bitsandbytes' kernel notices)
-    from integrations.runner import peak_rss_mb
+    from adaptopt.cli.runner import peak_rss_mb
     start = peak_rss_mb()
     import bitsandbytes  # noqa: F401  (what a Trainer process has imported anyway)
     imported = peak_rss_mb()

@@ -26,12 +26,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from interleave import interleaved_medians  # noqa: E402
 
-from adaptopt.inject import select_targets  # noqa: E402
 from adaptopt.scores import singular_values, spectrum_snr  # noqa: E402
+from adaptopt.surgery.inject import select_targets  # noqa: E402
 
 
 def load(name: str) -> torch.nn.Module:
-    from integrations.models import load_model
+    from adaptopt.cli.models import load_model
     model, _ = load_model({"name": name}, "causal_lm" if name.startswith("smollm") else "base")
     return model
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from integrations.cli import _config, run_compare
+    from adaptopt.cli.main import _config, run_compare
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "tests/benchmarks/training_cost.yaml"))
     parser.add_argument("--output-dir")
