@@ -19,9 +19,12 @@ from .layers.lora import LoRALinear
 from .layers.quant import QuantConfig, QuantLoRALinear
 from .modes import Mode
 from .policies import (
+    DEFAULT_POLICY,
+    LISA,
     POLICIES,
     ALoRS,
     AutoMode,
+    BAdam,
     BitFit,
     Fixed,
     Frozen,
@@ -51,8 +54,11 @@ __all__ = [
     "ALoRS",
     "ARCHITECTURE_TARGETS",
     "AutoMode",
+    "BAdam",
     "BitFit",
+    "DEFAULT_POLICY",
     "LayerwiseLR",
+    "LISA",
     "QLoRA",
     "RankAllocation",
     "Spectrum",

@@ -5,7 +5,7 @@
 1. save_adapters / load_adapters: adaptopt's own, only what changed from the base model;
 2. export_merged: a plain transformers model directory (no adaptopt needed to load it);
 3. export_peft: a PEFT LoRA adapter (per-layer ranks in rank_pattern), here trained with
-   RankAllocation so the ranks differ per layer.
+   RankAllocation so the ranks differ per layer; the trained head kept under modules_to_save.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def main(output_dir: str | None = None, steps: int = 60) -> dict[str, float]:
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged")
     gaps["merged"] = (logits(merged, probe) - reference).abs().max().item()
 
-    export_peft(model, out / "peft")
+    export_peft(model, out / "peft", modules_to_save=True)  # the trained classifier rides along, for PEFT
     try:
         from peft import PeftModel
     except ImportError:

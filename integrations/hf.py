@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from adaptopt import AdaptiveOptimizer, Mode
+from adaptopt import AdaptiveOptimizer, Mode, find_adapters
+from adaptopt.formats.hf_folders import SIDECAR, exact_state_dict, read_sidecar, save_plainly
 
 # A child of the library's logger: transformers.logging.set_verbosity_info() and
 # TrainingArguments(log_level="info") show the transitions, through transformers' own handler.
@@ -48,25 +49,61 @@ logger = logging.get_logger("transformers.adaptopt")
 STATE_FILE = "adaptopt.json"
 
 
-def load_checkpoint(model: Any, folder: str | os.PathLike) -> Any:
-    """Load a Trainer checkpoint or ``save_model`` folder into ``model`` — built and adapted as for
-    training (``inject_adapters`` or ``AdaptiveOptimizer`` with the same targets and 4-bit
-    settings) — exactly, every key checked. Returns ``model``. Safetensors only."""
-    from safetensors.torch import load_file
-    folder = os.fspath(folder)
+def _safetensors_files(folder: str) -> list[str]:
     single = os.path.join(folder, "model.safetensors")
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(single):
-        files = [single]
-    elif os.path.isfile(index):
+        return [single]
+    if os.path.isfile(index):
         with open(index) as f:
-            files = [os.path.join(folder, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
-    else:
-        raise FileNotFoundError(f"{folder} holds no model.safetensors (or its index): pass a Trainer checkpoint "
-                                "or a save_model/save_pretrained folder")
+            return [os.path.join(folder, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    raise FileNotFoundError(f"{folder} holds no model.safetensors (or its index): pass a Trainer checkpoint "
+                            "or a save_model/save_pretrained folder")
+
+
+def _keys(file: str) -> list[str]:
+    from safetensors import safe_open
+    with safe_open(file, framework="pt") as f:
+        return list(f.keys())
+
+
+def base_model_weights(name_or_path: str) -> Callable[[str], Any]:
+    """``key → tensor`` from the base model's safetensors files (a local folder, or a hub id already
+    in the local cache), read one tensor at a time; the files are found on the first read."""
+    from safetensors import safe_open
+    where: dict[str, str] = {}
+
+    def read(key: str) -> Any:
+        if not where:
+            folder = name_or_path
+            if not os.path.isdir(folder):
+                from huggingface_hub import snapshot_download
+                folder = snapshot_download(name_or_path, local_files_only=True)
+            for file in _safetensors_files(folder):
+                with safe_open(file, framework="pt") as f:
+                    where.update(dict.fromkeys(f.keys(), file))
+        if key not in where:
+            raise KeyError(f"{key} is not in the base model's files")
+        with safe_open(where[key], framework="pt") as f:
+            return f.get_tensor(key)
+    return read
+
+
+def load_checkpoint(model: Any, folder: str | os.PathLike) -> Any:
+    """Load a Trainer checkpoint or ``save_model`` folder into ``model`` — built and adapted as for
+    training (``inject_adapters`` or ``AdaptiveOptimizer`` with the same targets and 4-bit
+    settings) — exactly, every key checked: the plain weights, and the adapter layers' exact tensors
+    from the sidecar (``adaptopt/formats/hf_folders.py``), unchanged base weights read back from the
+    base model it names. Returns ``model``. Safetensors only."""
+    from safetensors.torch import load_file
+    folder = os.fspath(folder)
     state: dict[str, Any] = {}
-    for file in files:
+    for file in _safetensors_files(folder):
         state.update(load_file(file))
+    sidecar = read_sidecar(folder)
+    if sidecar is not None:
+        tensors, metadata = sidecar
+        state = exact_state_dict(state, tensors, metadata, base_model_weights(metadata["base_model"]))
     tied = {k for k in getattr(model, "_tied_weights_keys", None) or () if isinstance(k, str)}
     fix = ("Build the model and its adapters (targets, 4-bit settings) as for the run that saved it, "
            "then load again")
@@ -79,6 +116,14 @@ def load_checkpoint(model: Any, folder: str | os.PathLike) -> Any:
         raise ValueError(f"{folder} does not fit this model: missing {missing[:5]}, unexpected "
                          f"{result.unexpected_keys[:5]}. {fix}")
     return model
+
+
+def refuse_deepspeed_plugin() -> None:
+    """The Trainer was configured for DeepSpeed (``TrainingArguments(deepspeed=...)``): refused by name."""
+    raise ValueError("AdaptoptCallback: this Trainer runs DeepSpeed (TrainingArguments.deepspeed), which adaptopt "
+                     "does not support: ZeRO fixes the trained set when it initializes, so the optimizer's moves "
+                     "between frozen, LoRA and full would not reach it. Drop deepspeed=; for sharding use FSDP2 "
+                     "(fully_shard, docs/integrations.md), for data parallelism the Trainer's own DDP")
 
 
 def find_adaptive_optimizer(optimizer: Any) -> AdaptiveOptimizer:
@@ -118,6 +163,25 @@ def mode_counts(opt: AdaptiveOptimizer) -> dict[str, int]:
     return counts
 
 
+def mode_line(opt: AdaptiveOptimizer) -> str:
+    """``full 2 · lora 10 · frozen 0 · 3.66M trainable``: the layers per mode and the trained parameters."""
+    counts = mode_counts(opt)
+    trainable = counts["adaptopt/trainable_params"]
+    size = f"{trainable / 1e6:.2f}M" if trainable >= 1e6 else f"{trainable / 1e3:.1f}k"
+    return " · ".join(f"{m.value} {counts[f'adaptopt/{m.value}']}" for m in (Mode.FULL, Mode.LORA, Mode.FROZEN)) + (
+        f" · {size} trainable")
+
+
+def decision_summary(opt: AdaptiveOptimizer, records: list[dict[str, Any]]) -> str:
+    """One line for a decision: its step, what moved (``12 lora→full``), and the modes after it."""
+    moves: dict[str, int] = {}
+    for h in records:
+        key = f"{h['from_mode']}→{h['mode']}" if h["from_mode"] != h["mode"] else f"{h['mode']} rank/lr"
+        moves[key] = moves.get(key, 0) + 1
+    moved = ", ".join(f"{n} {key}" for key, n in moves.items())
+    return f"adaptopt step {records[0]['step']}: {len(records)} layer(s) moved ({moved}); now {mode_line(opt)}"
+
+
 def state_summary(opt: AdaptiveOptimizer) -> dict[str, Any]:
     """Modes, ranks, LR scales, latest scores and the transition history, as plain JSON."""
     return {"step": opt.step_count, "steps_per_epoch": opt.steps_per_epoch, "policy": opt.policy.config(),
@@ -144,8 +208,16 @@ class AdaptoptCallback(TrainerCallback):
             self.optimizer = find_adaptive_optimizer(kwargs.get("optimizer"))
         return self.optimizer
 
+    def on_init_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        if getattr(args, "deepspeed", None):
+            refuse_deepspeed_plugin()
+        if model is not None and callable(getattr(model, "save_pretrained", None)) and find_adapters(model):
+            save_plainly(model)  # checkpoints and save_model: plain weights + the exact sidecar
+
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         opt = self._opt(kwargs)
+        if state.global_step > 0:
+            self._restore_exact(args, state, opt)
         opt.set_steps_per_epoch(update_steps_per_epoch(kwargs.get("train_dataloader"),
                                                        args.gradient_accumulation_steps, state.max_steps))
         if state.max_steps and state.max_steps > 0:
@@ -157,6 +229,25 @@ class AdaptoptCallback(TrainerCallback):
         self._logged = len(opt.history)
         logger.info(f"adaptopt: {opt.steps_per_epoch} optimizer steps per epoch, policy {opt.policy.method!r}")
 
+    def _restore_exact(self, args: Any, state: Any, opt: AdaptiveOptimizer) -> None:
+        """A resumed run: the Trainer has loaded the checkpoint's plain weights and the optimizer's
+        state (every layer's layout); the sidecar gives the layers their exact tensors."""
+        given = getattr(args, "resume_from_checkpoint", None)
+        folder = given if isinstance(given, str) and os.path.isdir(given) else os.path.join(
+            args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isfile(os.path.join(folder, SIDECAR)):
+            load_checkpoint(opt.model, folder)
+            return
+        written_before = os.path.isdir(folder) and any(
+            ".lora_A" in key or key.endswith(".delta") for file in _safetensors_files(folder)
+            for key in _keys(file))  # checkpoints from before the sidecar held the factors in their weights
+        if not written_before and any(m.lora_A is not None or getattr(m, "delta", None) is not None
+                                      for m in opt.layers.values()):
+            raise ValueError(f"adaptopt: resuming at step {state.global_step}, but {folder} holds no {SIDECAR} (the "
+                             "adapter layers' exact tensors), so the factors would restart from scratch. Name the "
+                             "checkpoint in TrainingArguments(resume_from_checkpoint=PATH) as well, or resume with "
+                             "trainer.train(resume_from_checkpoint=True) from the run's own output_dir")
+
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         opt = self._opt(kwargs)
         fresh = opt.history[self._logged:]
@@ -165,6 +256,8 @@ class AdaptoptCallback(TrainerCallback):
             return
         state.log_history.append({"step": state.global_step, "adaptopt/transitions": len(fresh), **mode_counts(opt)})
         if self.log_transitions and state.is_world_process_zero:
+            # one line per decision at the Trainer's default verbosity (WARNING), the layers at INFO
+            logger.warning(decision_summary(opt, fresh))
             for h in fresh:
                 scores = ", ".join(f"{k}={v:.4g}" for k, v in sorted(h["scores"].items())[:4])
                 logger.info(f"adaptopt step {h['step']}: {h['layer']} {h['from_mode']}(r{h['from_rank']}) → "

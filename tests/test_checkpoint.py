@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -216,10 +217,10 @@ def test_export_merged_dequantizes_4bit_layers(tmp_path):
     assert torch.allclose(logits(plain), logits(model), atol=1e-4, rtol=1e-4)
 
 
-def _lora_run(kind: str) -> tuple[torch.nn.Module, AdaptiveOptimizer]:
-    """LoRA everywhere with per-layer ranks 2/3/4 and one layer at another alpha; head trains."""
+def _lora_run(kind: str, head: bool = True) -> tuple[torch.nn.Module, AdaptiveOptimizer]:
+    """LoRA everywhere with per-layer ranks 2/3/4 and one layer at another alpha; the head trains (if any)."""
     model = fresh(kind)
-    opt = AdaptiveOptimizer(model, lr=1e-3, policy="lora", rank=2, trainable=("classifier",))
+    opt = AdaptiveOptimizer(model, lr=1e-3, policy="lora", rank=2, trainable=("classifier",) if head else ())
     names = list(opt.layers)
     opt.apply({names[1]: LayerDecision(Mode.LORA, 4), names[2]: LayerDecision(Mode.LORA, 3)})
     opt.layers[names[3]].alpha = 5.0
@@ -233,7 +234,7 @@ def test_export_peft_loads_in_peft_with_the_same_logits(kind, tmp_path):
     base = fresh(kind)
     base.save_pretrained(str(tmp_path / "base"))
     model, opt = _lora_run(kind)
-    export_peft(model, tmp_path / "adapter")
+    export_peft(model, tmp_path / "adapter", modules_to_save=True)  # for PEFT: the trained head rides along
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert sorted(set(config["rank_pattern"].values())) == [3, 4]
     assert config["alpha_pattern"] == config["rank_pattern"] and config["lora_alpha"] == config["r"]  # scaling 1
@@ -252,6 +253,8 @@ def served_like_vllm(base: torch.nn.Module, adapter_dir) -> torch.nn.Module:
     for every layer, rank_pattern and alpha_pattern ignored; shapes from the tensors."""
     from safetensors.torch import load_file
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("modules_to_save"):
+        raise ValueError("vLLM only supports modules_to_save being None")  # vLLM's own words
     scaling = config["lora_alpha"] / (config["r"] ** 0.5 if config["use_rslora"] else config["r"])
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     modules = dict(base.named_modules())
@@ -270,7 +273,7 @@ def served_like_vllm(base: torch.nn.Module, adapter_dir) -> torch.nn.Module:
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
 def test_export_peft_means_the_same_under_one_global_scaling(kind, tmp_path):
-    model, _ = _lora_run(kind)
+    model, _ = _lora_run(kind, head=False)
     for layer in list(model.modules()):
         if isinstance(layer, LoRALinear):
             layer.rslora = True  # a scaling PEFT and vLLM compute differently unless it is folded
@@ -296,14 +299,15 @@ def test_export_peft_with_svd_rank_exports_full_and_folded_layers(tmp_path, caps
     with torch.no_grad():  # adapters carry no bias: put the FULL layers' biases back, then the export is exact
         for n in full_layers:
             opt.layers[n].base.bias.copy_(original.get_parameter(f"{n}.bias"))
-    export_peft(model, tmp_path / "full", svd_rank=16, base_model=original)  # rank ≥ min(out, in): exact
+    export_peft(model, tmp_path / "full", svd_rank=16, base_model=original, modules_to_save=True)  # exact: full rank
     loaded = peft.PeftModel.from_pretrained(
         transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "base")),
         str(tmp_path / "full")).eval()
     effect = float((logits(model) - logits(fresh("bert"))).abs().max())
     assert float((logits(loaded) - logits(model)).abs().max()) <= 1e-3 * effect
     export_peft(model, tmp_path / "low", svd_rank=1, base_model=fresh("bert").state_dict())
-    kept = [float(line.rsplit("keeps ", 1)[1].split("%")[0]) for line in capsys.readouterr().out.splitlines()]
+    kept = [float(line.rsplit("keeps ", 1)[1].split("%")[0]) for line in capsys.readouterr().out.splitlines()
+            if " keeps " in line]
     assert kept and min(kept) < 100.0
 
 
@@ -316,3 +320,28 @@ def test_export_peft_refuses_what_lora_cannot_express(tmp_path):
     folded = [n for n in opt.layers if ".1." in n][0]
     assert f"{folded}: its base.weight changed" in message
     assert not (tmp_path / "adapter_config.json").exists()
+
+
+def test_export_peft_by_default_writes_what_a_lora_only_server_loads_and_names_what_it_leaves(tmp_path, capsys):
+    """FULL blocks train their norms and the head trains: by default neither rides in the adapter
+    (vLLM refuses modules_to_save); each is named with how much it changed. With modules_to_save=True
+    PEFT gets them, and a vLLM-style loader refuses that adapter by vLLM's own rule."""
+    model, opt = mixed_run("bert")
+    original = fresh("bert")
+    export_peft(model, tmp_path / "lora_only", svd_rank=16, base_model=original)
+    config = json.loads((tmp_path / "lora_only" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] is None and config["task_type"] is None  # PEFT would look for the head
+    lines = capsys.readouterr().out.splitlines()
+    left = {line.split(": ", 2)[1]: line for line in lines if "not carried by the LoRA adapter" in line}
+    block = next(n for n in opt.layers if ".0." in n).split(".attention")[0]  # the FULL block
+    assert "classifier" in left and any(owner.startswith(block) and "LayerNorm" in owner for owner in left)
+    for line in left.values():
+        percents = [float(x) for x in re.findall(r"changed by ([0-9.]+)%", line)]
+        assert percents and max(percents) > 0, line
+    served = served_like_vllm(fresh("bert"), tmp_path / "lora_only")  # loads: nothing it refuses
+    assert float((logits(served) - logits(model)).abs().max()) > 0  # and runs without what was named
+    export_peft(model, tmp_path / "for_peft", svd_rank=16, base_model=original, modules_to_save=True)
+    kept = json.loads((tmp_path / "for_peft" / "adapter_config.json").read_text())["modules_to_save"]
+    assert "classifier" in kept and set(left) == set(kept)
+    with pytest.raises(ValueError, match="vLLM only supports modules_to_save being None"):
+        served_like_vllm(fresh("bert"), tmp_path / "for_peft")

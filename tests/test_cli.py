@@ -70,7 +70,10 @@ def test_train_evaluates_saves_and_plots(tiny, tmp_path):
     decisions = json.loads((out / "decisions.json").read_text())
     assert decisions["history"] and \
         {"step", "layer", "scores", "mode", "rank", "lr_scale"} <= set(decisions["history"][0])
-    assert len(decisions["timeline"]) == result["steps"] + 1
+    timeline = decisions["timeline"]  # what trained in each step, recorded as the step began
+    assert [s["step"] for s in timeline] == list(range(1, result["steps"] + 1))
+    assert result["trainable_end"] == timeline[-1]["trainable"] and sum(result["modes_end"].values()) == len(
+        decisions["layers"])
     assert adapters_file(out / "adapters").is_file()
     for name in ("heatmap.png", "modes.png", "ranks.png", "merged/config.json"):
         assert (out / name).is_file(), name

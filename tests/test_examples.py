@@ -81,7 +81,7 @@ def test_every_policy_example_in_the_readme_runs():
     namespace: dict = {"loader": [None] * 6}
     exec(imports, namespace)
     calls = [line for line in lines.splitlines() if line.startswith("AdaptiveOptimizer(")]
-    assert len(calls) == 14
+    assert len(calls) == 16
     for line in calls:
         if "QLoRA" in line or "ALoRS" in line:
             pytest.importorskip("bitsandbytes")

@@ -21,6 +21,13 @@ def unwrapped(trainer):
     return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
 
 
+def train_steps(model, opt, x, steps):
+    for _ in range(steps):
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def assert_loads_plainly(folder, trained, auto, x, atol=1e-5):
     plain = auto.from_pretrained(folder).eval()
     assert not any("lora" in n for n, _ in plain.named_parameters())
@@ -53,10 +60,7 @@ def test_a_4bit_checkpoint_refuses_a_plain_load_and_loads_with_the_one_call(tmp_
     base = {k: v.clone() for k, v in model.state_dict().items()}
     opt = AdaptiveOptimizer(model, lr=1e-2, policy="qlora", rank=2)
     x = token_batch(2, 7)
-    for _ in range(2):
-        model(x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, opt, x, 2)
     model.save_pretrained(tmp_path / "saved")
     with pytest.raises(RuntimeError, match="mismatch"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
@@ -117,3 +121,47 @@ def test_export_merged_with_the_tokenizer_serves_a_text_generation_pipeline(tmp_
     generate = transformers.pipeline("text-generation", model=str(tmp_path / "merged"))
     out = generate("w1 w2 w3", max_new_tokens=3, do_sample=False)[0]["generated_text"]
     assert out.startswith("w1 w2 w3") and len(out.split()) > 3
+
+
+def test_saved_folders_are_plain_small_and_silent_and_the_sidecar_keeps_them_exact(tmp_path):
+    """save_pretrained (as the Trainer's checkpoints and save_model call it, once the callback is in)
+    writes only the plain names — from_pretrained logs nothing about unexpected keys — at the base
+    model's size; the factors go to the sidecar, unchanged base weights are read back from the base
+    model folder the run started from, checked by fingerprint."""
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    from adaptopt.formats.hf_folders import SIDECAR, save_plainly
+    from tests.test_hf_trainer import Recorder
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # name_or_path: the folder
+    opt = AdaptiveOptimizer(model, lr=1e-2, policy="lora", rank=2)
+    x = token_batch(2, 7)
+    train_steps(model, opt, x, 2)
+    save_plainly(model).save_pretrained(tmp_path / "saved")
+    base_size = os.path.getsize(tmp_path / "base" / "model.safetensors")
+    assert os.path.getsize(tmp_path / "saved" / "model.safetensors") <= base_size + 1024  # no second copy of W
+    sidecar = tmp_path / "saved" / SIDECAR
+    factors = sum(p.numel() * 4 for m in opt.layers.values() for p in (m.lora_A, m.lora_B))
+    assert os.path.getsize(sidecar) < factors + 64 * 1024  # the factors, not the base weights
+    recorder = Recorder()
+    library = hf_logging.get_logger("transformers")
+    library.addHandler(recorder)
+    try:
+        assert_loads_plainly(tmp_path / "saved", model.eval(), transformers.AutoModelForCausalLM, x)
+    finally:
+        library.removeHandler(recorder)
+    assert not any("unexpected" in m.lower() or "not used" in m.lower() for m in recorder.messages), recorder.messages
+    exact = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    inject_adapters(exact, rank=2)
+    load_checkpoint(exact, tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(exact.eval()(x).logits, model(x).logits)  # bit for bit
+    for name, layer in opt.layers.items():
+        assert torch.equal(exact.get_submodule(name).base.weight, layer.base.weight)
+    other = tiny_llama()  # another base model under the same folder name: refused by fingerprint
+    other.save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match="is not the one the run started from"):
+        load_checkpoint(exact, tmp_path / "saved")

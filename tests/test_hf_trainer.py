@@ -88,8 +88,13 @@ def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path)
     initial = {n: m.rank for n, m in make_trainer(tmp_path / "x", policy=RANKS)[1].layers.items()}
     assert {n: v["rank"] for n, v in at_save.items()} != initial  # the checkpoint's factor shapes differ
 
-    resumed, opt2, _ = make_trainer(tmp_path / "b", policy=RANKS)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-5"))
+    checkpoint = str(tmp_path / "a" / "checkpoint-5")
+    plain = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint)  # the plain folder
+    assert not any(".lora_" in n or ".base." in n for n in plain.state_dict())
+    with pytest.raises(ValueError, match=r"holds no adaptopt_layers.safetensors .*resume_from_checkpoint=PATH"):
+        make_trainer(tmp_path / "elsewhere", policy=RANKS)[0].train(resume_from_checkpoint=checkpoint)
+    resumed, opt2, _ = make_trainer(tmp_path / "b", policy=RANKS, resume_from_checkpoint=checkpoint)
+    resumed.train(resume_from_checkpoint=checkpoint)
     assert opt2.history == opt.history
     for name, p in resumed.model.named_parameters():
         assert name in expected, name
@@ -135,10 +140,30 @@ def test_transitions_show_where_a_trainer_user_looks(tmp_path):
         trainer.train()
         assert any("→ full" in m for m in recorder.messages)  # through transformers' own handler
         recorder.messages.clear()
-        hf_logging.set_verbosity_warning()
+        hf_logging.set_verbosity_warning()  # the Trainer's default verbosity
         trainer, opt, _ = make_trainer(tmp_path / "warning")
         trainer.train()
-        assert not any("→" in m for m in recorder.messages)
+        decisions = sorted({h["step"] for h in opt.history if h["reason"] == "decision"})
+        summaries = [m for m in recorder.messages if m.startswith("adaptopt step ")]
+        assert [int(m.split()[2].rstrip(":")) for m in summaries] == decisions  # one line per decision
+        moved = sum(1 for h in opt.history if h["step"] == decisions[0])
+        assert f"{moved} layer(s) moved" in summaries[0] and "trainable" in summaries[0]
+        assert not any(" → " in m for m in recorder.messages)  # the per-layer detail stays at INFO
     finally:
         library.removeHandler(recorder)
         hf_logging.set_verbosity(level)
+
+
+def test_deepspeed_is_refused_by_name_with_the_alternatives(tmp_path):
+    """ZeRO partitions parameters and fixes the trained set: refused at construction (parameters marked
+    as DeepSpeed's) and by the callback (TrainingArguments.deepspeed), naming FSDP2 and DDP."""
+    from types import SimpleNamespace
+
+    model = tiny_bert()
+    for p in model.parameters():
+        p.ds_id = 0  # what deepspeed.zero.Init leaves on every parameter
+    with pytest.raises(ValueError, match=r"does not run under DeepSpeed ZeRO.*Use FSDP2 .* or DDP"):
+        AdaptiveOptimizer(model, lr=1e-3, policy="lora", rank=2)
+    assert not [m for m in model.modules() if type(m).__name__ == "LoRALinear"]  # nothing was changed
+    with pytest.raises(ValueError, match=r"runs DeepSpeed \(TrainingArguments.deepspeed\).*FSDP2"):
+        AdaptoptCallback().on_init_end(SimpleNamespace(deepspeed="ds_config.json"), None, None, model=tiny_bert())

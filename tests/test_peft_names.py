@@ -6,7 +6,7 @@ import pytest
 
 from adaptopt import AdaptiveOptimizer, AutoMode, LoRA, QLoRA, build_policy, inject_adapters
 from adaptopt.peft_arguments import PEFT_NAMES
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import tiny_bert, tiny_llama
 
 
 def layer_settings(layers):
@@ -73,3 +73,38 @@ def test_print_trainable_parameters_is_one_line_with_the_counts(capsys):
     assert "\n" not in line and line.startswith(f"trainable params: {trainable:,} || all params: {total:,} ||")
     assert f"trainable%: {100 * trainable / total:.4f}" in line and line.endswith("layers: 7 full, 7 lora, 0 frozen")
     assert opt.summary().endswith(line)
+
+
+def test_all_linear_means_what_it_means_in_peft():
+    """Every linear layer except the output layer: the model's output embeddings and the heads."""
+    from adaptopt import select_targets
+    llama = tiny_llama()
+    chosen = select_targets(llama, "all-linear")
+    assert "lm_head" not in chosen and len(chosen) == 7 * 2  # q k v o gate up down, two blocks
+    bert = tiny_bert()
+    chosen = select_targets(bert, "all-linear")
+    assert "bert.pooler.dense" in chosen and "classifier" not in chosen  # outside blocks too, never the head
+    assert set(select_targets(bert, "auto")) < set(chosen)
+    opt = AdaptiveOptimizer(tiny_llama(), target_modules="all-linear", policy="lora", r=2)
+    assert len(opt.layers) == 14
+
+
+def test_bias_modules_to_save_and_task_type_take_their_peft_meaning():
+    def trained(opt):
+        return {n for n, p in opt.model.named_parameters() if p.requires_grad}
+    every = trained(AdaptiveOptimizer(tiny_bert(), policy="lora", rank=2, bias="all"))
+    assert {n.replace(".base.", ".") for n in every if n.endswith("bias")} == {
+        n for n, _ in tiny_bert().named_parameters() if n.endswith("bias")}
+    only = trained(AdaptiveOptimizer(tiny_bert(), policy="lora", rank=2, bias="lora_only"))
+    biases = {n for n in only if n.endswith("bias")}
+    assert biases and all(n.endswith(".base.bias") for n in biases - {"classifier.bias"})
+    assert not any("LayerNorm" in n for n in biases)
+    saved = trained(AdaptiveOptimizer(tiny_llama(), policy="lora", rank=2, modules_to_save=["norm"]))
+    assert {"model.norm.weight"} <= saved
+    AdaptiveOptimizer(tiny_llama(), policy="lora", rank=2, task_type="CAUSAL_LM")  # agrees with the model: taken
+    with pytest.raises(ValueError, match=r"task_type='SEQ_CLS', but the model is a LlamaForCausalLM \(CAUSAL_LM\)"):
+        AdaptiveOptimizer(tiny_llama(), policy="lora", task_type="SEQ_CLS")
+    with pytest.raises(ValueError, match=r"bias='some': PEFT's values are \['none', 'all', 'lora_only'\]"):
+        AdaptiveOptimizer(tiny_llama(), policy="lora", bias="some")
+    with pytest.raises(ValueError, match="modules_to_save must be a list of module names"):
+        AdaptiveOptimizer(tiny_llama(), policy="lora", modules_to_save="norm")

@@ -32,8 +32,8 @@ from typing import Any, Mapping
 
 TOP_KEYS = {"name", "model", "data", "fine_tuning", "training", "output_dir", "compare", "tune", "plugins"}
 DATA_KEYS = {"name", "path", "text_column", "label_column", "group_column", "task", "eval_fraction", "max_train",
-             "max_eval", "split_seed", "validation_fraction"}
-MODEL_KEYS = {"name", "path"}
+             "max_eval", "split_seed", "validation_fraction", "label_map", "normalize_labels", "skip_repeated_headers"}
+MODEL_KEYS = {"name", "path", "new_head"}
 TRAINING_KEYS = {"epochs", "batch_size", "eval_batch_size", "lr", "lora_lr", "seed", "max_length", "max_steps",
                  "warmup_ratio", "weight_decay", "gradient_accumulation_steps", "logging_steps", "max_grad_norm",
                  "train_other", "trainable"}
@@ -132,6 +132,7 @@ def normalise(raw: Mapping[str, Any], source: str = "<config>") -> dict:
             raise ConfigError(f"{source}: missing key {required!r}")
     model = config["model"]
     model = {"name": model} if isinstance(model, str) else _check_keys(model, MODEL_KEYS, source, "model")
+    _check_values(model, {"new_head": ("bool", None, None, True)}, source, "model")
     if not model.get("name") and not model.get("path"):
         raise ConfigError(f"{source}: model: give a registry name (minilm, smollm2-135m) or {{path: DIR}}")
     data = config["data"]
@@ -144,7 +145,8 @@ def normalise(raw: Mapping[str, Any], source: str = "<config>") -> dict:
     _check_patterns(training, source, "training")
     _check_values(data, DATA_RULES, source, "data")
     compare = _check_keys(config.get("compare"), COMPARE_KEYS, source, "compare")
-    fine_tuning = method_config(config.get("fine_tuning") or {"method": "lora"}, source, "fine_tuning")
+    from adaptopt.policies import DEFAULT_POLICY
+    fine_tuning = method_config(config.get("fine_tuning") or {"method": DEFAULT_POLICY}, source, "fine_tuning")
     methods = [method_config(m, source, f"compare.methods[{i}]", base=fine_tuning)
                for i, m in enumerate(compare.get("methods", []))]
     seeds = compare.get("seeds", [training["seed"]])
@@ -174,6 +176,7 @@ TRAINING_RULES = {"epochs": ("number", 0, None, False), "batch_size": ("int", 1,
 METHOD_RULES = {"lr": ("number?", 0, None, False), "lora_lr": ("number?", 0, None, False),
                 "train_other": ("bool", None, None, True)}
 DATA_RULES = {"eval_fraction": ("number", 0, 1, False), "validation_fraction": ("number", 0, 1, False),
+              "skip_repeated_headers": ("bool", None, None, True),
               "max_train": ("int?", 1, None, True),
               "max_eval": ("int?", 1, None, True), "split_seed": ("int", None, None, True)}
 

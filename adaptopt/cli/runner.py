@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -50,6 +51,7 @@ def build(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: int, d
     data = data or load_data(config["data"], split)
     transformers.set_seed(seed)
     model, tokenizer = load_model(config["model"], data.task, max(data.num_labels, 2), data.label_names)
+    check_max_length(config["training"]["max_length"], model, config["source"])
     where = f"{config['source']}: fine_tuning ({method_cfg['label']})"
     try:
         opt = AdaptiveOptimizer(model, **optimizer_kwargs(method_cfg, config["training"], where))
@@ -58,6 +60,14 @@ def build(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: int, d
             raise
         raise ConfigError(f"{where}: {err}") from None
     return data, model, tokenizer, opt
+
+
+def check_max_length(max_length: int, model: Any, source: str) -> None:
+    """``training.max_length`` must fit the model's position embeddings (else the first batch crashes)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise ConfigError(f"{source}: training.max_length: {max_length}, but this model reads at most {limit} "
+                          f"positions (config.max_position_embeddings); set training.max_length ≤ {limit}")
 
 
 def tokenized(data: TextData, tokenizer: Any, max_length: int, split: str) -> list[dict[str, Any]]:
@@ -113,23 +123,37 @@ def evaluate(model: Any, rows: list[dict[str, Any]], data: TextData, tokenizer: 
 
 
 class Timeline:
-    """A TrainerCallback recording trainable parameters and every layer's mode after each step."""
+    """A TrainerCallback recording, before each optimizer step, what trains in it: the trainable
+    parameters and every layer's mode. Its last record is what trained at the end of the run (a
+    decision at the run's last step changes modes that never train, and is reported as such)."""
 
     def __init__(self, opt: Any) -> None:
         from transformers import TrainerCallback
 
+        from ..integrations.hf import mode_line
+
         class _Callback(TrainerCallback):
+            def on_step_begin(inner, args, state, control, **kwargs):  # noqa: N805
+                self.record(state.global_step + 1)
+
             def on_step_end(inner, args, state, control, **kwargs):  # noqa: N805
-                self.record(state.global_step)
+                bar = getattr(self.progress, "training_bar", None)
+                if bar is not None and self.opt.history and self.opt.history[-1]["step"] == state.global_step:
+                    bar.set_postfix_str(mode_line(self.opt), refresh=False)  # the counts, after a decision
 
         self.opt, self.callback = opt, _Callback()
         self.steps: list[dict[str, Any]] = []
-        self.record(0)
+        self.progress: Any = None  # the Trainer's progress callback: its bar shows the mode counts
 
     def record(self, step: int) -> None:
         self.steps.append({"step": step, "trainable": self.opt.trainable_parameter_count(),
                            "modes": [m.mode.value for m in self.opt.layers.values()],
                            "ranks": [m.rank for m in self.opt.layers.values()]})
+
+    def untrained_decisions(self) -> list[dict[str, Any]]:
+        """Transitions made after the last step began: they never trained."""
+        last = self.steps[-1]["step"] if self.steps else 0
+        return [h for h in self.opt.history if h["step"] >= last and h["reason"] != "initial"]
 
 
 def _digest(*parts: Any) -> str:
@@ -193,17 +217,27 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
     recording = RecordingCollator(collator(data, tokenizer))
     trainer = Trainer(model=model, args=args, train_dataset=train_rows, data_collator=recording,
                       optimizers=(opt, None), callbacks=[AdaptoptCallback(), timeline.callback])
+    timeline.progress = next((c for c in trainer.callback_handler.callbacks if hasattr(c, "training_bar")), None)
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
     metrics = evaluate(model, eval_rows, data, tokenizer, training["eval_batch_size"], progress)
+    if not timeline.steps:
+        timeline.record(0)  # a run of no step: what would have trained
     counts = [s["trainable"] for s in timeline.steps]
+    modes_end = {m: timeline.steps[-1]["modes"].count(m) for m in ("full", "lora", "frozen")}
+    untrained = timeline.untrained_decisions()
+    if untrained:
+        print(f"adaptopt: the decision at step {untrained[0]['step']}, the run's last, moved {len(untrained)} layer(s) "
+              "that never trained after it; the report gives the modes that trained", file=sys.stderr)
     result = {"method": method_cfg["label"], "seed": seed, **metrics, "wall_time_s": wall,
               "trainable_start": counts[0], "trainable_mean": sum(counts) / len(counts), "trainable_end": counts[-1],
+              "modes_end": modes_end, "untrained_transitions": len(untrained),
               "total_params": sum(p.numel() for p in model.parameters()), "peak_rss_mb": peak_rss_mb(),
               "steps": opt.step_count, "train_examples": len(train_rows), "eval_examples": len(eval_rows),
               "split": split, "lr": opt.lr, "lora_lr": opt.lora_lr, "data_order": _digest(recording.batches),
               "eval_set": _digest(data.eval_texts, data.eval_labels), "initial_head": head_digest,
+              "data_notes": list(data.notes),
               "run_dir": str(run_dir)}
     decisions = {"layers": list(opt.layers), "history": opt.history, "score_log": opt.score_log,
                  "timeline": timeline.steps, "policy": opt.policy.config()}

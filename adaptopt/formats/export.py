@@ -26,15 +26,13 @@ from ..layers.factors import compute_dtype, svd_dense
 from ..layers.lora import LoRALinear
 from ..layers.sharded import gathered
 from ..modes import Mode
+from ..peft_arguments import task_type_of
 from ..surgery.inject import require_adapters
 from .atomic_files import remove_stale_temporaries, replace_directory, save_tensors, temporary_name, write_json
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM",
-              "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
-              "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
 
 
 # --------------------------------------------------------------------------- export_merged
@@ -165,15 +163,12 @@ def _svd_factors(update: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return root[:, None] * svd.Vh[:k], svd.U[:, :k] * root[None, :], kept
 
 
-def _task_type(model: nn.Module) -> str | None:
-    name = type(model).__name__
-    return next((task for suffix, task in TASK_TYPES.items() if name.endswith(suffix)), None)
-
-
-def peft_adapter(model: nn.Module, svd_rank: int | None = None, base_model: Any = None
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
-    """What :func:`export_peft` writes: ``(tensors in PEFT's key layout, adapter_config, a report
-    line per SVD-exported layer)`` — the energy kept, and any bias update left behind.
+def peft_adapter(model: nn.Module, svd_rank: int | None = None, base_model: Any = None,
+                 modules_to_save: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """What :func:`export_peft` writes: ``(tensors in PEFT's key layout, adapter_config, a report)``:
+    a line per SVD-exported layer (the energy kept, any bias update left behind), and a line per
+    changed module outside the adapted layers (a trained head, a FULL block's norms), which the
+    adapter carries under ``modules_to_save`` only when asked — else it names it with its size.
 
     Every layer is written at scaling 1: ``B' = s·B`` (s = the layer's α/r or α/√r) and the
     config says ``lora_alpha = r`` without rsLoRA, with each layer's ``alpha_pattern`` equal to its
@@ -208,20 +203,45 @@ def peft_adapter(model: nn.Module, svd_rank: int | None = None, base_model: Any 
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
     params = dict(model.named_parameters())
     for owner in extra:
-        for pname, p in params.items():
-            if _owner(pname) == owner:
-                tensors[PEFT_PREFIX + pname] = gathered(p)
+        owned = {pname: gathered(p.detach()) for pname, p in params.items() if _owner(pname) == owner}
+        if modules_to_save:
+            tensors.update({PEFT_PREFIX + pname: value for pname, value in owned.items()})
+        else:
+            report.append(_not_carried(owner, owned, originals))
+    task_type = task_type_of(model)
+    if extra and not modules_to_save and task_type not in (None, "CAUSAL_LM", "SEQ_2_SEQ_LM"):
+        # PEFT reads a classification task_type as "the head is in the adapter" and looks for it there
+        report.append(f"task_type left empty: the trained head is not in this LoRA-only adapter, and PEFT would look "
+                      f"for it under task_type {task_type!r}")
+        task_type = None
     exported = [layers[n] for n in factors]
     pattern = {re.escape(n): r for n, r in ranks.items() if r != rank}
     config = {
-        "peft_type": "LORA", "task_type": _task_type(model), "inference_mode": True,
+        "peft_type": "LORA", "task_type": task_type, "inference_mode": True,
         "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
         "r": rank, "lora_alpha": rank, "lora_dropout": max(m.layout().dropout for m in exported),
         "target_modules": sorted(factors), "rank_pattern": pattern, "alpha_pattern": dict(pattern),
         "use_rslora": False, "fan_in_fan_out": all(m.fan_in_fan_out for m in exported),
-        "modules_to_save": extra or None, "bias": "none", "init_lora_weights": True, "use_dora": False,
+        "modules_to_save": (extra or None) if modules_to_save else None, "bias": "none", "init_lora_weights": True,
+        "use_dora": False,
     }
     return tensors, config, report
+
+
+def _not_carried(owner: str, owned: Mapping[str, torch.Tensor], originals: Mapping[str, torch.Tensor] | None) -> str:
+    """A changed module a LoRA adapter does not carry, with how much it changed: ``‖Δ‖/‖original‖``
+    per tensor (given the original model), else its norm."""
+    sizes = []
+    for pname, value in owned.items():
+        original = None if originals is None else originals.get(pname)
+        if original is None:
+            sizes.append(f"{pname.rsplit('.', 1)[-1]} ‖·‖ {float(value.float().norm()):.3g}")
+        else:
+            change = float((value.float() - original.to(value.device).float()).norm())
+            relative = 100 * change / max(float(original.float().norm()), 1e-30)
+            sizes.append(f"{pname.rsplit('.', 1)[-1]} changed by {relative:.2f}%")
+    return (f"{owner}: not carried by the LoRA adapter ({', '.join(sizes)}); a LoRA-only server (vLLM) would run "
+            "without it. Pass modules_to_save=True to keep it for PEFT, or use export_merged")
 
 
 def _bias_left_behind(name: str, m: LoRALinear, originals: Mapping[str, torch.Tensor] | None) -> str:
@@ -234,13 +254,19 @@ def _bias_left_behind(name: str, m: LoRALinear, originals: Mapping[str, torch.Te
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike, *, svd_rank: int | None = None,
-                base_model: Any = None) -> Path:
+                base_model: Any = None, modules_to_save: bool = False) -> Path:
     """Write the model's LoRA adapters as a PEFT adapter directory.
 
     ``PeftModel.from_pretrained(base_model, directory)`` and serving stacks that apply one global
     ``lora_alpha / r`` (vLLM ignores ``rank_pattern`` / ``alpha_pattern``) then compute what this
-    model computes: each layer's scaling is folded into its ``B`` (:func:`peft_adapter`). Trained
-    non-target modules (e.g. a classifier head) go to ``modules_to_save``.
+    model computes: each layer's scaling is folded into its ``B`` (:func:`peft_adapter`).
+
+    By default the adapter holds only what a LoRA adapter can carry, so LoRA-only servers load it
+    (vLLM refuses any adapter whose ``modules_to_save`` is not empty). Changed modules outside the
+    adapted layers — a trained classifier head, a FULL block's norms — are then left out, and each
+    is printed with how much it changed (relative to ``base_model`` when given), since a loader
+    applying only the factors runs without them. ``modules_to_save=True`` keeps them under PEFT's
+    ``modules_to_save`` for PEFT users.
 
     A LoRA adapter on the unchanged base cannot express a FULL layer, a merged one, or one whose
     base weight changed (a fold): they raise ``ValueError`` pointing to :func:`export_merged` —
@@ -251,7 +277,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, svd_rank: int
     4-bit layer's is its own delta. A trained bias of such a layer cannot be carried by an
     adapter: the printout says how far it moved (``export_merged`` keeps it).
     """
-    tensors, config, report = peft_adapter(model, svd_rank, base_model)
+    tensors, config, report = peft_adapter(model, svd_rank, base_model, modules_to_save)
     for line in report:
         print(f"export_peft: {line}")
     out = Path(directory)

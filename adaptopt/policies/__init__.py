@@ -15,6 +15,8 @@ policy                    what it does                                          
 ``Spectrum(p)``           top p % per layer type by SNR FULL, rest frozen              framework
 ``ALoRS``                 SNR bands → LoRA r_high / LoRA r_low / frozen, 4-bit base    ALoRS
 ``LayerwiseLR``           per-layer LR scales from SVD / CE / CS, one phase per epoch  layer-wise LR
+``LISA(gamma, period)``   gamma sampled blocks FULL for period steps, rest frozen      LISA
+``BAdam(period, order)``  one block FULL for period steps, then the next               BAdam
 ========================  ===========================================================  ==============
 
 The sources are described in docs/design.md §7.
@@ -24,6 +26,7 @@ mode policies do not stack (each owns every layer's mode).
 """
 from .automode import AutoMode
 from .base import (
+    DEFAULT_POLICY,
     POLICIES,
     LayerDecision,
     LayerView,
@@ -38,12 +41,13 @@ from .base import (
 from .hybrid import Hybrid
 from .layerwise_lr import LayerwiseLR
 from .rank_allocation import STRATEGIES, RankAllocation, allocate_ranks
+from .sampled_blocks import LISA, BAdam
 from .spectrum import ALoRS, Spectrum
 from .static import BitFit, Fixed, Frozen, Full, LoRA, QLoRA, TopK
 
 __all__ = [
-    "ALoRS", "AutoMode", "BitFit", "Fixed", "Frozen", "Full", "Hybrid", "LayerDecision", "LayerView",
-    "LayerwiseLR", "LoRA",
-    "POLICIES", "Policy", "QLoRA", "RankAllocation", "STRATEGIES", "Scores", "Spectrum", "TopK", "allocate_ranks",
-    "build_policy", "name_matcher", "name_matches", "percent_count", "register_policy",
+    "ALoRS", "AutoMode", "BAdam", "BitFit", "DEFAULT_POLICY", "LISA", "Fixed", "Frozen", "Full", "Hybrid",
+    "LayerDecision", "LayerView", "LayerwiseLR", "LoRA", "POLICIES", "Policy", "QLoRA", "RankAllocation", "STRATEGIES",
+    "Scores", "Spectrum", "TopK", "allocate_ranks", "build_policy", "name_matcher", "name_matches", "percent_count",
+    "register_policy",
 ]

@@ -95,8 +95,9 @@ class Policy:
 
     method: ClassVar[str] = ""
     quantize: Any = None
-    # the run's length in optimizer steps when the optimizer knows it (AdaptiveOptimizer(total_steps=),
-    # set_total_steps); not part of config(): it belongs to the run, not to the policy's settings
+    # the run's length in optimizer steps, fixed by the optimizer when it is first known
+    # (AdaptiveOptimizer(total_steps=), set_total_steps) and kept in its state_dict, so a resumed run
+    # keeps every step placed by it; not part of config(): it belongs to the run, not to the settings
     run_steps: int | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -125,6 +126,12 @@ class Policy:
 
     def decide(self, layers: Mapping[str, LayerView], scores: Scores, step: int,
                steps_per_epoch: int | None) -> dict[str, LayerDecision]:
+        return {}
+
+    def placed_by_run_length(self) -> dict[str, int]:
+        """The steps this policy placed by the run's length (``run_steps``), named for a person
+        (``{"the prefix freezes after step": 120}``); empty when nothing depends on it. The optimizer
+        fixes ``run_steps`` when the run's length is first known and keeps it on resume."""
         return {}
 
     def needs_epochs(self) -> bool:
@@ -190,6 +197,9 @@ def require_epochs(policy: "Policy", steps_per_epoch: int | None) -> int:
 
 
 POLICIES: dict[str, type[Policy]] = {}
+# The one default: AdaptiveOptimizer(model) without a policy, a CLI config without fine_tuning, and what
+# the README calls the default (docs/policies.md, "The default", says why this one)
+DEFAULT_POLICY = "hybrid"
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:

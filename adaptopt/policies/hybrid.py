@@ -101,6 +101,10 @@ class Hybrid(Policy):
             return None
         return max(self.calibration_steps, math.ceil(self.freeze_at * self.run_steps))
 
+    def placed_by_run_length(self) -> dict[str, int]:
+        step = self.freeze_step()
+        return {"the prefix freezes after step": step} if isinstance(self.freeze_at, float) and step else {}
+
     def assign(self, importance: Mapping[str, float], with_prefix: bool = True) -> dict[str, Mode]:
         """Units in model order → modes (pure): top ``t`` % FULL, then the bottom prefix FROZEN."""
         order = list(importance)

@@ -5,6 +5,8 @@
 - ``"auto"``: the known linear names of the architecture (``model.config.model_type``),
   inside numbered blocks; unknown architectures fall back to every linear layer except
   output heads (``lm_head``, ``classifier``, ``score``).
+- ``"all-linear"``: PEFT's meaning: every linear layer except the output layer (the output
+  embeddings and those heads), outside blocks too.
 - a name pattern, or a list of them (any one matching selects): :mod:`adaptopt.name_patterns`'
   dialect, a regex that fullmatches a run of the module name's dotted components
   (``"query"`` matches ``encoder.layer.0.attention.self.query``; ``r"layer\\.[0-2]"``
@@ -127,6 +129,14 @@ def _auto_targets(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> 
     return [name for name, m in candidates if _is_linear_like(m) and not _is_head(name)]
 
 
+def _all_linear(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> list[str]:
+    """PEFT's ``target_modules="all-linear"``: every linear layer except the output layer (the model's
+    output embeddings, and the heads ``lm_head`` / ``classifier`` / ``score``)."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    return [name for name, m in candidates if _is_linear_like(m) and not _is_head(name) and m is not output]
+
+
 def select_targets(model: nn.Module, targets: Targets = "auto") -> list[str]:
     """Names of the modules ``targets`` selects (see the module docstring), in model order.
 
@@ -135,6 +145,8 @@ def select_targets(model: nn.Module, targets: Targets = "auto") -> list[str]:
     candidates = _candidates(model)
     if isinstance(targets, str) and targets == "auto":
         chosen = _auto_targets(model, candidates)
+    elif isinstance(targets, str) and targets == "all-linear":
+        chosen = _all_linear(model, candidates)
     else:
         if isinstance(targets, (str, re.Pattern)):
             matches = matcher(targets)

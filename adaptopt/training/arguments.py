@@ -46,3 +46,14 @@ def check_arguments(lr: Any, lora_lr: Any, lora_plus_ratio: Any, nonfinite: Any,
     check_adamw_arguments(adamw_kwargs, own)
     return (lr * LORA_LR_MULTIPLE if lora_lr is None else lora_lr), (
         None if lora_plus_ratio is None else float(lora_plus_ratio))
+
+
+def refuse_deepspeed(model: Any) -> None:
+    """DeepSpeed ZeRO owns the parameters (partitioned, ``ds_id``) and fixes the trained set when it
+    is initialized, so transitions that change what trains cannot reach it: refused by name, with the
+    supported alternatives."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()) or type(model).__name__ == "DeepSpeedEngine":
+        raise ValueError("AdaptiveOptimizer does not run under DeepSpeed ZeRO: ZeRO partitions the parameters and "
+                         "fixes the trained set at initialize(), so a layer's move between frozen, LoRA and full "
+                         "cannot reach it. Use FSDP2 (torch.distributed.fsdp.fully_shard; every mode works on sharded "
+                         "weights, docs/integrations.md) or DDP (adaptopt.integrations.ddp.AdaptiveDDP) instead")

@@ -27,13 +27,12 @@ from torch import nn
 from ..layers.lora import LoRALinear
 from ..layers.sharded import gathered, is_sharded, local_tensor, refuse_sharded_4bit
 from ..modes import Mode
-from ..peft_arguments import accepts_peft_names
-from ..policies import LayerDecision, LayerView, Policy, build_policy
+from ..peft_arguments import accepts_peft_names, peft_trainable
+from ..policies import DEFAULT_POLICY, LayerDecision, LayerView, Policy, build_policy
 from ..policies.base import check_positive_int
-from ..scores import FAMILY_KEYS, weight_scores
 from ..surgery.inject import DEFAULT_ALPHA, DEFAULT_RANK, Targets, find_adapters, inject_with_undo, warn_if_rewrapped
 from ..surgery.swap import RestorePoint
-from .arguments import TASK_HEADS, check_arguments
+from .arguments import TASK_HEADS, check_arguments, refuse_deepspeed
 from .distributed import (
     ReplicatedGradients,
     active_group,
@@ -44,14 +43,10 @@ from .distributed import (
 )
 from .layer_stats import StatsCollector
 from .optimizer_state import STATE_FORMAT, moment_like, plain_config, validate_state_dict
+from .policy_inputs import layer_views, refresh_weight_scores
+from .run_length import run_length_change, run_too_short
 from .summary import layer_table, one_line
 from .transitions import TrainRules, apply_decisions, check_consistency, plan_trainable, reconcile
-
-
-def _from_families(key: str, families: Iterable[str]) -> bool:
-    """Does score ``key`` (e.g. ``"svd_raw"``, ``"signal_fraction_compat"``) belong to one of ``families``?"""
-    return any(key in FAMILY_KEYS[f] for f in families)
-
 
 
 class AdaptiveOptimizer(torch.optim.Optimizer):
@@ -62,7 +57,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             ``dropout``, ``rslora``, ``quantize``) unless the model already has some.
         lr: learning rate of full weights and non-target parameters.
         policy: a :class:`~adaptopt.policies.Policy`, a method name (``"lora"``) or a mapping
-            (``{"method": "lora", "rank": 16}``).
+            (``{"method": "lora", "rank": 16}``); default ``"hybrid"``, the one default of adaptopt
+            (:data:`adaptopt.policies.DEFAULT_POLICY`; docs/policies.md says why).
         lora_lr: learning rate of adapter factors; default ``10 × lr`` (measured: LoRA at the
             full-fine-tuning LR learns nothing on MiniLM / Rotten Tomatoes, docs/design.md §4).
         lora_plus_ratio: LoRA+ (Hayou et al., 2024): ``B`` trains at ``ratio × lora_lr`` in a group of
@@ -84,6 +80,10 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         process_group: under ``torch.distributed``, the ranks that must agree (default: the
             world when it is initialized). Scores are summed over them and rank 0's decisions
             applied everywhere (:mod:`adaptopt.training.distributed`).
+        bias, modules_to_save, task_type: PEFT's settings where they mean something here:
+            ``bias="all"`` trains every bias, ``"lora_only"`` the adapted layers'; ``modules_to_save``
+            modules train fully (added to ``trainable``); ``task_type`` is checked against the model's
+            class (:func:`adaptopt.peft_arguments.peft_trainable`).
         **adamw_kwargs: passed to ``torch.optim.AdamW`` (``betas``, ``eps``, ``weight_decay``,
             ``foreach`` defaults to True, ...).
 
@@ -91,21 +91,27 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
     """
 
     @accepts_peft_names
-    def __init__(self, model: nn.Module, lr: float = 1e-4, policy: Policy | str | Mapping[str, Any] = "lora", *,
+    def __init__(self, model: nn.Module, lr: float = 1e-4, policy: Policy | str | Mapping[str, Any] = DEFAULT_POLICY,
+                 *,
                  lora_lr: float | None = None, rank: int | None = None, alpha: float | None = None,
                  dropout: float = 0.0,
                  rslora: bool = False, targets: Targets = "auto", quantize: Any = None, init: str = "default",
                  lora_plus_ratio: float | None = None, train_other: bool = False,
                  trainable: Iterable[str] = TASK_HEADS, frozen: Iterable[str] = (),
                  steps_per_epoch: int | None = None, total_steps: int | None = None, nonfinite: str = "skip",
-                 process_group: Any = None, **adamw_kwargs: Any) -> None:
+                 process_group: Any = None, bias: str = "none", modules_to_save: Iterable[str] | None = None,
+                 task_type: str | None = None, **adamw_kwargs: Any) -> None:
         own = [n for n in inspect.signature(AdaptiveOptimizer.__init__).parameters if n not in ("self", "adamw_kwargs")]
         lora_lr, self.lora_plus_ratio = check_arguments(lr, lora_lr, lora_plus_ratio, nonfinite, steps_per_epoch,
                                                         total_steps, adamw_kwargs, own)
+        peft_trainable(model, [], bias, modules_to_save, task_type)  # checked before anything changes
+        refuse_deepspeed(model)
         adamw_kwargs.setdefault("foreach", True)
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr, **adamw_kwargs)  # validates betas, eps, ...
         self.policy = build_policy(policy)
-        self.policy.run_steps = total_steps
+        self.policy.run_steps = None  # a policy object belongs to one run (docs/design.md §7)
+        self.total_steps: int | None = None  # this run's length (set_total_steps); the policy keeps the first
+        self._warned_run_length = False
         self.model = model
         existing = find_adapters(model)
         restore, swap = RestorePoint(model, existing), None
@@ -118,14 +124,16 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                     model, targets, DEFAULT_RANK if rank is None else rank, DEFAULT_ALPHA if alpha is None else alpha,
                     dropout=dropout, rslora=rslora, quantize=quantize if quantize is not None else self.policy.quantize,
                     init=init)
-            self._build(float(lr), float(lora_lr), TrainRules(bool(train_other), tuple(trainable)
-                        + tuple(self.policy.trainable_extra()), tuple(frozen)), steps_per_epoch, nonfinite,
-                        process_group, adamw_kwargs)
+            extra = self.policy.trainable_extra() + peft_trainable(model, list(self.layers), bias, modules_to_save)
+            self._build(float(lr), float(lora_lr), TrainRules(bool(train_other), tuple(trainable) + tuple(extra),
+                        tuple(frozen)), steps_per_epoch, nonfinite, process_group, adamw_kwargs)
         except BaseException:
             if swap is not None:
                 swap.undo()  # a failed constructor leaves the model exactly as it was
             restore.undo()
             raise
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
         if not self.trainable_parameter_count():
             warnings.warn(f"AdaptiveOptimizer: policy {self.policy.method!r} trains no parameter of this "
                           f"{type(model).__name__} (no target layer trains and no other parameter is admitted); "
@@ -182,20 +190,38 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self._arm_for(self.step_count + 1)
 
     def set_total_steps(self, total_steps: int) -> None:
-        """Tell the policy how many optimizer steps the run takes (for decisions placed at a
-        fraction of it); the HF and Lightning callbacks call this at the start of training."""
-        self.policy.run_steps = check_positive_int("total_steps", total_steps)
+        """Tell the optimizer how many optimizer steps the run takes; the HF and Lightning callbacks
+        call this at the start of training.
+
+        Decisions a policy places at a fraction of the run (``Hybrid(freeze_at=0.6)``) are fixed to
+        steps the first time the length is known, and that length is saved in :meth:`state_dict`: a
+        resumed run keeps them. A later call with another length (a resume that runs longer) warns
+        once, naming both lengths and the steps kept. A run too short for the policy's schedule (its
+        first decision at or after the last step) warns too, naming the steps."""
+        total_steps = check_positive_int("total_steps", total_steps)
+        fixed = self.policy.run_steps
+        if fixed is None or not self.policy.placed_by_run_length():
+            self.policy.run_steps = total_steps  # first known, or nothing was placed by the old length
+        elif fixed != total_steps:
+            self._warn_run_length(fixed, total_steps, stacklevel=3)
+        self.total_steps = total_steps
+        self._warn_if_run_too_short()
+
+    def _warn_run_length(self, fixed: int, new: int, stacklevel: int) -> None:
+        message = run_length_change(self.policy, fixed, new)
+        if message and not self._warned_run_length:
+            self._warned_run_length = True
+            warnings.warn(message, stacklevel=stacklevel + 1)
+
+    def _warn_if_run_too_short(self) -> None:
+        message = run_too_short(self.policy, self.total_steps, self.steps_per_epoch)
+        if message:
+            warnings.warn(message, stacklevel=3)
 
     # ------------------------------------------------------------------ views
     def views(self) -> dict[str, LayerView]:
-        """What a policy sees of each layer."""
-        views = {}
-        for name, m in self.layers.items():
-            t = m.target
-            views[name] = LayerView(name, t.block_name if t else None, t.block_index if t else None,
-                                    t.layer_type if t else name, m.mode, m.rank, self.lr_scales[name],
-                                    m.in_features, m.out_features, m.layout().quant is not None)
-        return views
+        """What a policy sees of each layer (:func:`~adaptopt.training.policy_inputs.layer_views`)."""
+        return layer_views(self.layers, self.lr_scales)
 
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
@@ -278,14 +304,10 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         return decisions if group is None else broadcast_decisions(decisions, list(self.layers), group)
 
     def _refresh_weight_scores(self, step: int) -> None:
-        """Compute the weight-only score families the policy needs at ``step`` into ``scores``
-        (replacing that family's previous values), and log every layer's scores."""
+        """The weight-only score families the policy needs at ``step``, into ``scores``; then log
+        every layer's scores (:func:`~adaptopt.training.policy_inputs.refresh_weight_scores`)."""
         families = self.policy.weight_scores(step, self.steps_per_epoch)
-        if families:
-            fresh = weight_scores(self.layers, families)
-            for name, values in fresh.items():
-                self.scores[name] = {k: v for k, v in self.scores[name].items() if not _from_families(k, families)}
-                self.scores[name].update(values)
+        refresh_weight_scores(self.layers, self.scores, families)
         if families or step > 0:
             self.score_log.append({"step": step, "scores": {k: dict(v) for k, v in self.scores.items()}})
 
@@ -389,6 +411,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             "state": {names[p]: {k: gathered(v) if torch.is_tensor(v) else v for k, v in s.items()}
                       for p, s in self.inner.state.items()},
             "policy": plain_config(self.policy.config()),
+            "run_steps": self.policy.run_steps,  # the run's length when first known (fixes fraction-placed steps)
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
@@ -409,6 +432,11 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             warnings.warn(f"this checkpoint was written with policy {saved_policy}, this optimizer runs "
                           f"{plain_config(self.policy.config())}: its modes and state load, and this policy decides "
                           "from here on", stacklevel=2)
+        saved_run, now = sd.get("run_steps"), self.policy.run_steps
+        if saved_run is not None:
+            self.policy.run_steps = int(saved_run)  # the steps it placed stay where the saved run put them
+            if now not in (None, saved_run):
+                self._warn_run_length(saved_run, now, stacklevel=3)
         for name, layout in layouts.items():
             self.layers[name].adopt_layout(layout)
             self.lr_scales[name] = float(sd["layers"][name]["lr_scale"])

@@ -1,0 +1,174 @@
+"""Sampled blocks: full fine-tuning quality at a fraction of its memory by training only a few
+blocks fully at a time and freezing the rest — no adapters (docs/policies.md).
+
+- **LISA** (Pan et al., 2024, "LISA: Layerwise Importance Sampling for Memory-Efficient Large
+  Language Model Fine-Tuning", arXiv 2403.17919, Algorithm 1): every ``period`` steps, ``gamma``
+  blocks are sampled to train fully, every other block is frozen; the embeddings and the output
+  head always train. Defaults are the reference implementation's (LMFlow,
+  ``--lisa_activated_layers 1 --lisa_interval_steps 20``): ``gamma=1``, ``period=20``.
+- **BAdam** (Luo et al., 2024, "BAdam: A Memory Efficient Full Parameter Optimization Method for
+  Large Language Models", arXiv 2404.02827, Algorithm 1, block coordinate descent with Adam): one
+  block trains fully for ``period`` steps, then the next, in ``order``; the embeddings and head do
+  not train. Defaults are the reference implementation's (``BlockOptimizer``:
+  ``switch_block_every=50``, ``switch_mode="descending"``): ``period=50``, ``order="descending"``.
+
+Both run on the optimizer's exact FROZEN ↔ FULL moves: a block leaving training gets
+``grad=None`` and its Adam state dropped, a block entering starts with fresh moments (BAdam's
+reference resets them too; LISA's kept them, the memory complaint of its users). Sampling is
+seeded by the period's index, so a resumed run draws the same blocks; with ``weighted=True`` LISA
+samples by gradient importance (the cheap score, gathered on the ``score_steps`` steps before each
+draw) instead of uniformly — our scores are nearly free.
+"""
+from __future__ import annotations
+
+import random
+from typing import Mapping
+
+from ..modes import Mode
+from ..scores.gradient import unit_importance, units
+from .base import (
+    LayerDecision,
+    LayerView,
+    Policy,
+    Scores,
+    Statistics,
+    check_positive_int,
+    register_policy,
+)
+
+EMBEDDINGS = ("embed_tokens", "word_embeddings", "wte", "wpe", "position_embeddings", "token_type_embeddings",
+              "embeddings", "lm_head")
+ORDERS = ("descending", "ascending", "random")
+
+
+class SampledBlocks(Policy):
+    """Every ``period`` steps, a set of blocks trains fully and the others are frozen."""
+
+    period: int
+    train_embeddings: bool
+    seed: int
+
+    def blocks(self, layers: Mapping[str, LayerView]) -> dict[str, list[str]]:
+        groups = units(layers.values(), "block")
+        if not any(v.block_index is not None for v in layers.values()):
+            raise ValueError(f"{type(self).__name__} samples transformer blocks, but this model's targets have no "
+                             "block index (e.g. 'model.layers.3.…')")
+        return groups
+
+    def choose(self, groups: Mapping[str, list[str]], scores: Scores, index: int) -> list[str]:
+        """The units that train in sampling period ``index`` (0 = the start)."""
+        raise NotImplementedError
+
+    def assignment(self, layers: Mapping[str, LayerView], scores: Scores, index: int) -> dict[str, LayerDecision]:
+        groups = self.blocks(layers)
+        chosen = set(self.choose(groups, scores, index))
+        return {name: LayerDecision(Mode.FULL if unit in chosen else Mode.FROZEN)
+                for unit, names in groups.items() for name in names}
+
+    def initial(self, layers: Mapping[str, LayerView], scores: Scores) -> dict[str, LayerDecision]:
+        return self.assignment(layers, scores, 0)
+
+    def is_decision_step(self, step: int, steps_per_epoch: int | None) -> bool:
+        return step % self.period == 0
+
+    def decide(self, layers: Mapping[str, LayerView], scores: Scores, step: int,
+               steps_per_epoch: int | None) -> dict[str, LayerDecision]:
+        return self.assignment(layers, scores, step // self.period)
+
+    def trainable_extra(self) -> tuple[str, ...]:
+        return EMBEDDINGS if self.train_embeddings else ()
+
+    def rng(self, index: int) -> random.Random:
+        return random.Random(self.seed * 1_000_003 + index)
+
+
+@register_policy
+class LISA(SampledBlocks):
+    """LISA: ``gamma`` blocks sampled every ``period`` steps train fully, the rest are frozen.
+
+    Args:
+        gamma: blocks trained at a time (LMFlow's default 1).
+        period: steps between draws, K (LMFlow's default 20).
+        weighted: sample by gradient importance instead of uniformly (without replacement,
+            probability ∝ the block's score over the last ``score_steps`` steps of the period).
+        train_embeddings: the embeddings and the output head train throughout (LISA: yes).
+        score_steps: steps scored before each weighted draw.
+        seed: the sampling seed (each period's draw is seeded by it and the period's index).
+    """
+
+    method = "lisa"
+
+    def __init__(self, gamma: int = 1, period: int = 20, weighted: bool = False, train_embeddings: bool = True,
+                 score_steps: int = 4, seed: int = 0) -> None:
+        self.gamma = check_positive_int("gamma", gamma)
+        self.period = check_positive_int("period", period)
+        if not isinstance(weighted, bool) or not isinstance(train_embeddings, bool):
+            raise ValueError(f"weighted and train_embeddings are true or false, got {weighted!r}, {train_embeddings!r}")
+        self.weighted, self.train_embeddings = weighted, train_embeddings
+        self.score_steps = check_positive_int("score_steps", score_steps)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+
+    def statistics(self) -> Statistics:
+        return Statistics("cheap" if self.weighted else None, activations=False, frozen_layers=True)
+
+    def wants_stats(self, step: int, steps_per_epoch: int | None) -> bool:
+        return self.weighted and (-step) % self.period < self.score_steps
+
+    def choose(self, groups: Mapping[str, list[str]], scores: Scores, index: int) -> list[str]:
+        order = list(groups)
+        k = min(self.gamma, len(order))
+        rng = self.rng(index)
+        if not self.weighted or index == 0:  # the first draw has no scores yet: uniform
+            return rng.sample(order, k)
+        weights = unit_importance(groups, scores)
+        chosen: list[str] = []
+        pool = {u: max(weights[u], 0.0) for u in order}
+        for _ in range(k):  # without replacement, each draw ∝ the remaining weights
+            if sum(pool.values()) <= 0:
+                return chosen + rng.sample(list(pool), k - len(chosen))
+            unit = rng.choices(list(pool), weights=list(pool.values()))[0]
+            chosen.append(unit)
+            del pool[unit]
+        return chosen
+
+
+@register_policy
+class BAdam(SampledBlocks):
+    """BAdam: one block trains fully for ``period`` steps, then the next in ``order``; the rest are frozen.
+
+    Args:
+        period: steps per block, K (the reference's ``switch_block_every=50``).
+        order: ``"descending"`` (the reference's default: the last block first), ``"ascending"``, or
+            ``"random"`` (a fresh permutation of the blocks for every pass over them).
+        train_embeddings: the embeddings and the output head train throughout (BAdam: no).
+        seed: the seed of the random order.
+    """
+
+    method = "badam"
+
+    def __init__(self, period: int = 50, order: str = "descending", train_embeddings: bool = False,
+                 seed: int = 0) -> None:
+        self.period = check_positive_int("period", period)
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        self.order = order
+        if not isinstance(train_embeddings, bool):
+            raise ValueError(f"train_embeddings is true or false, got {train_embeddings!r}")
+        self.train_embeddings = train_embeddings
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+
+    def choose(self, groups: Mapping[str, list[str]], scores: Scores, index: int) -> list[str]:
+        order = list(groups)
+        n = len(order)
+        if self.order == "descending":
+            return [order[n - 1 - index % n]]
+        if self.order == "ascending":
+            return [order[index % n]]
+        cycle = index // n
+        permutation = order[:]
+        self.rng(cycle).shuffle(permutation)
+        return [permutation[index % n]]
