@@ -42,6 +42,8 @@ from transformers.utils import logging
 
 from adaptopt import AdaptiveOptimizer, Mode, find_adapters
 from adaptopt.formats.hf_folders import SIDECAR, exact_state_dict, read_sidecar, save_plainly
+from adaptopt.layers.sharded import is_sharded
+from adaptopt.training.distributed import ReplicatedGradients, active_group
 
 # A child of the library's logger: transformers.logging.set_verbosity_info() and
 # TrainingArguments(log_level="info") show the transitions, through transformers' own handler.
@@ -202,6 +204,7 @@ class AdaptoptCallback(TrainerCallback):
         self.optimizer = optimizer
         self.log_transitions = log_transitions
         self._logged = 0
+        self._ranks: Any = None  # the transition hook that keeps the Trainer's DDP ranks together
 
     def _opt(self, kwargs: dict[str, Any]) -> AdaptiveOptimizer:
         if self.optimizer is None:
@@ -218,6 +221,7 @@ class AdaptoptCallback(TrainerCallback):
         opt = self._opt(kwargs)
         if state.global_step > 0:
             self._restore_exact(args, state, opt)
+        self._keep_ranks_together(opt)
         opt.set_steps_per_epoch(update_steps_per_epoch(kwargs.get("train_dataloader"),
                                                        args.gradient_accumulation_steps, state.max_steps))
         if state.max_steps and state.max_steps > 0:
@@ -228,6 +232,25 @@ class AdaptoptCallback(TrainerCallback):
                            "epoch-based decisions follow the optimizer's count")
         self._logged = len(opt.history)
         logger.info(f"adaptopt: {opt.steps_per_epoch} optimizer steps per epoch, policy {opt.policy.method!r}")
+
+    def _keep_ranks_together(self, opt: AdaptiveOptimizer) -> None:
+        """Under the Trainer's own DDP (torchrun or accelerate launch without FSDP) DDP reduces the
+        gradients of what trained when it was built; a parameter that starts training later (a FULL
+        block, fresh factors) would be left per-rank and the ranks would drift apart silently. The
+        optimizer starts new factors alike on every rank; here every trained gradient is averaged
+        over the ranks as soon as backward makes it. Which parameters the Trainer's DDP covers is not
+        visible from a callback (a resume changes the trained set after DDP is built), so all are:
+        DDP's own reduction then averages values already equal — correct, at twice the gradient
+        communication (docs/integrations.md)."""
+        group = active_group(opt.process_group)
+        if group is None or self._ranks is not None or any(is_sharded(p) for p in opt.model.parameters()):
+            return
+        replicated = ReplicatedGradients()
+
+        def follow(optimizer: AdaptiveOptimizer) -> None:
+            replicated.watch([p for g in optimizer.param_groups for p in g["params"]], group)
+        follow(opt)
+        self._ranks = opt.register_transition_hook(follow)
 
     def _restore_exact(self, args: Any, state: Any, opt: AdaptiveOptimizer) -> None:
         """A resumed run: the Trainer has loaded the checkpoint's plain weights and the optimizer's

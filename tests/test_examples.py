@@ -46,6 +46,33 @@ def test_accelerate_example_steps_once_per_accumulation():
     assert result["decisions"] and result["accuracy"] > 0.6
 
 
+def test_accelerate_launch_with_two_processes_resumes_bit_for_bit(tmp_path):
+    """`accelerate launch` (two processes over gloo on this CPU-only machine) runs the raw loop; a run
+    stopped after one epoch and resumed from its checkpoint ends with the uninterrupted run's model."""
+    import os
+    import shutil
+    import sys
+
+    from tests.helpers import _run_in_own_group
+    pytest.importorskip("accelerate")
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(EXAMPLES)}
+
+    def launch(*args):
+        run = _run_in_own_group([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                 "--mixed_precision", "no", "--dynamo_backend", "no",
+                                 str(EXAMPLES / "accelerate_loop.py"), *map(str, args)], env, 300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    launch(tmp_path / "whole")
+    launch(tmp_path / "half", "--stop-after", 1)
+    launch(tmp_path / "half", "--resume")
+    whole = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "half" / "final.pt", weights_only=True)
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    result = json.loads((tmp_path / "whole" / "result.json").read_text())
+    assert result["processes"] == 2 and result["steps"] == 48 and len(result["decisions"]) >= 2  # 3 × 32 / 2 ranks
+
+
 def test_save_load_export_example_reproduces_the_logits(tmp_path):
     pytest.importorskip("peft")
     gaps = load("save_load_export").main(str(tmp_path), steps=20)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +168,19 @@ def test_deepspeed_is_refused_by_name_with_the_alternatives(tmp_path):
     assert not [m for m in model.modules() if type(m).__name__ == "LoRALinear"]  # nothing was changed
     with pytest.raises(ValueError, match=r"runs DeepSpeed \(TrainingArguments.deepspeed\).*FSDP2"):
         AdaptoptCallback().on_init_end(SimpleNamespace(deepspeed="ds_config.json"), None, None, model=tiny_bert())
+
+
+def test_the_trainers_own_ddp_keeps_ranks_identical_through_transitions_and_resume(tmp_path):
+    """torchrun + the Trainer's DDP (no AdaptiveDDP): without adaptopt's help a layer promoted to FULL
+    trains per rank and the ranks drift apart silently; with the callback they stay identical, and a
+    run resumed from a checkpoint ends where the uninterrupted one did."""
+    from tests.helpers import torchrun
+    worker = Path(__file__).parent / "trainer_ddp_worker.py"
+    run = torchrun(worker, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    whole = json.loads((tmp_path / "result.json").read_text())
+    assert whole["ranks_identical"] and whole["transitions"] > 0 and whole["steps"] == 12
+    run = torchrun(worker, tmp_path, "--resume")
+    assert run.returncode == 0, run.stderr[-3000:]
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["ranks_identical"] and resumed["checksum"] == whole["checksum"]

@@ -72,8 +72,10 @@ back from (``name_or_path``); an unchanged, re-readable one is only fingerprinte
 
 
 def save_plainly(model: nn.Module) -> nn.Module:
-    """Make ``model.save_pretrained`` write the plain folder and the sidecar beside it (idempotent;
-    the HF callback calls it). Returns ``model``."""
+    """Make ``model.save_pretrained`` write the plain folder and the sidecar beside it, and
+    ``model.load_state_dict`` of such a folder's weights keep every layer's structure (its factors,
+    their update zeroed: the loaded weight exactly), so a resume reaches the sidecar with the layers
+    it was saved from (idempotent; the HF callback calls it). Returns ``model``."""
     original = model.save_pretrained
     if getattr(original, "adaptopt_plain", False):
         return model
@@ -90,6 +92,22 @@ def save_plainly(model: nn.Module) -> nn.Module:
     save_pretrained.adaptopt_plain = True  # type: ignore[attr-defined]
     save_pretrained.__doc__ = original.__doc__
     model.save_pretrained = save_pretrained  # type: ignore[method-assign]
+    original_load = model.load_state_dict
+
+    def load_state_dict(state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """A plain folder's weights (no adapter key at all) keep every layer's structure; see
+        ``LoRALinear._load_from_state_dict``. Anything else loads as any state dict does."""
+        plain = not any(k.endswith(EXACT_ONLY) or ".base." in k for k in state_dict)
+        layers = find_adapters(model).values() if plain else ()
+        for layer in layers:
+            layer.keep_structure_on_plain_load = True
+        try:
+            return original_load(state_dict, *args, **kwargs)
+        finally:
+            for layer in layers:
+                layer.keep_structure_on_plain_load = False
+
+    model.load_state_dict = load_state_dict  # type: ignore[method-assign]
     return model
 
 

@@ -434,6 +434,8 @@ class LoRALinear(nn.Module):
             local = _rounded_sum(local_tensor(weight), self._rows_held(self._to_base_layout(self._learned_delta())))
             return with_sharding_of(weight, local.contiguous())
 
+    keep_structure_on_plain_load = False  # set while a plain folder loads (adaptopt.formats.hf_folders)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         """Read the plain names (:mod:`adaptopt.layers.state_dict_keys`), take the structure a full
         state dict of this layer describes (factors of its rank, or none; a 4-bit layer's dense
@@ -447,10 +449,21 @@ class LoRALinear(nn.Module):
         (without the weight) leaves the structure alone.
         """
         if holds_full_layer_state(state_dict, prefix):
+            plain_only = not any(key[len(prefix):].split(".")[0] in ("base", "lora_A", "lora_B", "delta")
+                                 for key in state_dict if key.startswith(prefix))
             merged = read_plain_names(state_dict, prefix)
             a = state_dict.get(prefix + "lora_A")
-            self.adopt_layout(implied_by_state_dict(self.layout(), None if a is None else int(a.shape[0]),
-                                                    prefix + "delta" in state_dict))
+            if plain_only and self.keep_structure_on_plain_load and self.layout().has_factors:
+                # a plain folder (W + s·BA under the plain name, as the Trainer resumes one): the layer keeps
+                # its structure — what trains, and a DDP built on it, stay as they are — with its update set
+                # to zero, which computes exactly the loaded weight; the sidecar and the optimizer's state
+                # restore the rest
+                self.unmerge()
+                state_dict[prefix + "lora_A"] = self.lora_A.detach()
+                state_dict[prefix + "lora_B"] = torch.zeros_like(self.lora_B)
+            else:
+                self.adopt_layout(implied_by_state_dict(self.layout(), None if a is None else int(a.shape[0]),
+                                                        prefix + "delta" in state_dict))
             if merged is not None and self._merge_lives_in_weight:
                 self.merged = merged and self.lora_A is not None
         for name, p in self.named_parameters():  # FSDP2: a whole tensor loads as this rank's rows

@@ -333,10 +333,10 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             self.history.append({"step": self.step_count, "layer": record["layer"], "reason": reason,
                                  **{k: v for k, v in record.items() if k != "layer"},
                                  "scores": dict(self.scores.get(record["layer"], {}))})
-        group = self._fsdp_group()
-        if group is not None:  # factors a transition made start alike on every rank
-            broadcast_parameters([p for r in records for p in self.layers[r["layer"]].parameters()
-                                  if not is_sharded(p)], group)
+        group = active_group(self.process_group)
+        if group is not None:  # factors a transition made start alike on every rank (FSDP2, DDP)
+            broadcast_parameters([p for r in records for name, p in self.layers[r["layer"]].named_parameters()
+                                  if not is_sharded(p) and (self._sharded or name in ("lora_A", "lora_B"))], group)
         if self._reconcile():
             self._run_transition_hooks()
         self.check_consistency()
