@@ -44,6 +44,7 @@ from .policies import (
 )
 from .surgery.inject import ARCHITECTURE_TARGETS, TargetInfo, find_adapters, inject_adapters, select_targets
 from .surgery.unload import disable_adapters, merge_and_unload
+from .training.memory import MemoryEstimate, estimate_memory
 from .training.optimizer import AdaptiveOptimizer
 
 __version__ = "0.1.0"
@@ -88,6 +89,8 @@ __all__ = [
     "inject_adapters",
     "lora_scaling",
     "disable_adapters",
+    "estimate_memory",
+    "MemoryEstimate",
     "merge_and_unload",
     "select_targets",
 ]

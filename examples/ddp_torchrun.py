@@ -60,6 +60,7 @@ def main(output_dir: str | None = None, epochs: int = 3) -> None:
         print(json.dumps({k: v for k, v in result.items() if k != "modes"}))
         save_adapters(model, out / "adapters")
         (out / "result.json").write_text(json.dumps(result))
+    ddp.close()  # drop the DDP reducer before the process group (AdaptiveDDP.close says why)
     dist.barrier()
     dist.destroy_process_group()
 

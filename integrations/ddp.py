@@ -14,6 +14,7 @@ Use it where you would use ``DistributedDataParallel``::
     for batch in loader:
         ddp(**batch).loss.backward()
         opt.step(); opt.zero_grad()
+    ddp.close()                               # before dist.destroy_process_group()
 
 Ranks agree on decisions by construction (:mod:`adaptopt.training.distributed`); transitions happen
 inside ``opt.step()``, at the same step on every rank, so every rank rebuilds together.
@@ -68,6 +69,21 @@ class AdaptiveDDP:
         """Stop following the optimizer; returns the plain module."""
         self._handle.remove()
         return self._module
+
+    def close(self) -> nn.Module:
+        """Stop following the optimizer and drop the DDP wrapper (its gradient reducer) now; returns the
+        plain module. Call it before ``torch.distributed.destroy_process_group()``: a reducer freed
+        *after* it holds the last reference to the gloo process group, whose destructor then joins
+        gloo's worker thread while holding the GIL — a thread that may need the GIL to release a
+        finished operation's tensors: both wait for ever. (Seen as the rare torchrun hang in
+        teardown; ``py-spy dump --native`` of a hung rank shows ``Reducer::~Reducer`` →
+        ``ProcessGroupGloo::~ProcessGroupGloo`` → ``std::thread::join`` in the main thread, and the
+        worker thread in ``gil_scoped_acquire`` under ``AsyncWork::~AsyncWork``;
+        ``tests/repro/gloo_teardown.py``.)"""
+        module = self.detach()
+        self.wrapper = module
+        gc.collect()
+        return module
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.wrapper(*args, **kwargs)

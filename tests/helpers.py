@@ -97,9 +97,9 @@ def assert_same_snapshot(before: dict, after: dict) -> None:
         torch.testing.assert_close(after["tensors"][key], value, rtol=0, atol=0, equal_nan=True, msg=key)
 
 
-def _run_in_own_group(command, env, timeout):
+def _run_in_own_group(command, env, timeout, on_timeout=None):
     """``subprocess.run`` whose whole process group (the launcher and its workers) is killed on a
-    time-out, so a hung worker does not outlive the test."""
+    time-out, so a hung worker does not outlive the test; ``on_timeout(pids)`` sees them first."""
     import os
     import signal
     import subprocess
@@ -111,6 +111,8 @@ def _run_in_own_group(command, env, timeout):
         # torchrun starts its workers in sessions of their own: collect them before the launcher
         # dies (they would be re-parented), or a hung worker keeps the pipes open for ever
         workers = _descendants(process.pid)
+        if on_timeout is not None:
+            on_timeout(workers)
         os.killpg(process.pid, signal.SIGKILL)
         for pid in workers:
             try:
@@ -143,8 +145,15 @@ def _descendants(root: int) -> list[int]:
 def torchrun(script, *args: str, processes: int = 2, timeout: float = 180.0):
     """Run ``script`` under ``torchrun --standalone`` on CPU; returns the finished process.
 
-    Relaunched once if a launch hangs past ``timeout`` or aborts in gloo's teardown ("terminate
-    called without an active exception"), each seen once in about twenty launches here.
+    The teardown hang once seen in about one launch in twenty is explained: a DDP reducer freed
+    *after* ``destroy_process_group()`` holds the last reference to the gloo process group, whose
+    destructor joins gloo's worker thread while holding the GIL, and that thread waits for the GIL
+    to free a finished operation's tensors (``py-spy dump --native`` of a hung rank;
+    ``tests/repro/gloo_teardown.py``: 2 hangs in 30 launches of ``examples/ddp_torchrun.py`` before
+    ``AdaptiveDDP.close()``, 0 in 40 of a bare gloo group and 0 in 30 of a bare DDP worker that
+    drops its wrapper first). Our examples and docs now drop the wrapper first. Workers whose DDP
+    wrapper a framework owns (the Trainer's, accelerate's) can still free it late, so a launch
+    that hangs past ``timeout`` or aborts in teardown is relaunched once, with a warning.
     """
     import os
     import subprocess

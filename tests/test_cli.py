@@ -183,3 +183,14 @@ def test_train_a_causal_lm_reports_loss_and_perplexity(tiny, tmp_path):
     result = json.loads((tmp_path / "lm" / "result.json").read_text())
     assert set(result) >= {"loss", "perplexity"} and "accuracy" not in result
     assert result["perplexity"] < tokenizer.vocab_size / 3
+
+
+def test_plan_prints_peak_memory_per_policy_from_the_config(tiny, capsys):
+    assert main(["plan", str(tiny["model"]), "--policies", "full,lora,hybrid", "--batch-size", "2",
+                 "--seq-len", "8", "--rank", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "policy" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["full", "lora", "hybrid"]
+    totals = {r.split("|")[1].strip(): float(r.split("**")[1]) for r in rows}
+    assert totals["full"] >= totals["hybrid"] >= totals["lora"] > 0
+    assert main(["plan", str(tiny["model"]), "--dtype", "int8"]) == 2  # refused by name

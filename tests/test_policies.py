@@ -344,6 +344,7 @@ EXAMPLES = {
     "alors": {"high": 20, "mid": 40, "r_high": 16, "r_low": 4},
     "rank_allocation": {"strategy": "attention_high", "budget": 16},
     "layerwise_lr": {"phases": ["svd", "cs"], "alpha": 0.5, "base": {"method": "automode", "t": 20}},
+    "lisa": {"gamma": 2, "period": 10, "weighted": True}, "badam": {"period": 20, "order": "random", "seed": 1},
 }
 
 

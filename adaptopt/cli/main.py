@@ -7,6 +7,7 @@
     adaptopt compare CONFIG.yaml       # methods × paired seeds: tables with intervals, pareto.png
     adaptopt tune CONFIG.yaml          # learning rates per parameter kind, chosen on a validation split
     adaptopt scan MODEL                # per-layer Spectrum SNR, and what top_percent would select
+    adaptopt plan MODEL                # peak training memory per policy, from the config alone
 
 CONFIG is a YAML file, or the name of a config shipped with the package (``main_job``: the
 main job's). Every input is checked before anything trains; a bad one stops with one message naming the
@@ -200,6 +201,38 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Peak training memory per policy, from the model's config alone (built on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from adaptopt import estimate_memory
+    from adaptopt.training.memory import plan_table
+
+    from .models import model_directory
+    source = {"path": args.model} if Path(args.model).exists() else {"name": args.model}
+    config = AutoConfig.from_pretrained(model_directory(source))
+    dtype = getattr(torch, args.dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"plan: --dtype {args.dtype!r}: expected float32, bfloat16 or float16")
+    classes = [a for a in getattr(config, "architectures", None) or [] if a.endswith("ForSequenceClassification")]
+    auto = AutoModelForSequenceClassification if classes else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    estimates = {}
+    for name in args.policies.split(","):
+        try:
+            estimates[name] = estimate_memory(model, name, args.batch_size, args.seq_len, dtype=dtype, rank=args.rank,
+                                              gradient_checkpointing=args.gradient_checkpointing)
+        except ValueError as err:
+            raise ConfigError(f"plan: policy {name!r}: {err}") from None
+    print(f"{args.model}: batch {args.batch_size} × {args.seq_len} tokens, weights in {args.dtype}, LoRA rank "
+          f"{args.rank}{', gradient checkpointing' if args.gradient_checkpointing else ''} (GB; the process itself, "
+          "a CUDA context and allocator slack come on top)")
+    print(plan_table(estimates))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adaptopt", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -234,6 +267,15 @@ def parser() -> argparse.ArgumentParser:
     scan.add_argument("--mode", choices=("mp", "compat"), default="mp")
     scan.add_argument("--output-dir")
     scan.set_defaults(run=cmd_scan)
+    plan = sub.add_parser("plan", help="peak training memory per policy, estimated from the model's config")
+    plan.add_argument("model", help="registry name (minilm, smollm2-135m) or a folder with config.json")
+    plan.add_argument("--policies", default="full,lora,qlora,hybrid,automode,lisa,badam")
+    plan.add_argument("--batch-size", type=int, default=8)
+    plan.add_argument("--seq-len", type=int, default=512)
+    plan.add_argument("--dtype", default="float32")
+    plan.add_argument("--rank", type=int, default=16)
+    plan.add_argument("--gradient-checkpointing", action="store_true")
+    plan.set_defaults(run=cmd_plan)
     return p
 
 

@@ -65,4 +65,4 @@ def can_fuse(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l
             and x.dtype == weight.dtype == lora_a.dtype and x.dtype.is_floating_point
             and (bias is None or bias.dtype == x.dtype)
             and x.device == weight.device and x.dim() >= 1
-            and not torch.is_autocast_enabled(x.device.type))
+            and not (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)))

@@ -62,4 +62,5 @@ def can_fuse_quant(x: torch.Tensor, compute_dtype: torch.dtype, bias: torch.Tens
     the factors and the bias in the layer's compute dtype, a frozen bias, no autocast."""
     return (x.dtype == compute_dtype == lora_a.dtype and x.dtype.is_floating_point and x.dim() >= 1
             and (bias is None or (bias.dtype == x.dtype and not bias.requires_grad))
-            and x.device == lora_a.device and not torch.is_autocast_enabled(x.device.type))
+            and x.device == lora_a.device
+            and not (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)))

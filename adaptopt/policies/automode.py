@@ -19,6 +19,7 @@ from .base import (
     position_in_epoch,
     register_policy,
     require_epochs,
+    size_scores,
     units_in_mode,
 )
 
@@ -135,6 +136,14 @@ class AutoMode(Policy):
         modes.update(dict.fromkeys(ranked[:n_full], Mode.FULL))
         modes.update(dict.fromkeys(ranked[len(ranked) - n_frozen:], Mode.FROZEN))
         return modes
+
+    def peak_assignment(self, layers: Mapping[str, LayerView]) -> dict[str, LayerDecision]:
+        """A decision with nothing frozen yet: the top ``t`` % units FULL (the largest), the rest LoRA."""
+        groups = units(layers.values(), self.granularity)
+        modes = self.assign(unit_importance(groups, size_scores(layers)))
+        return {name: LayerDecision(Mode.LORA if modes[unit] is Mode.FROZEN else modes[unit],
+                                    self.rank if modes[unit] is not Mode.FULL else None)
+                for unit, names in groups.items() for name in names}
 
     def freezes(self) -> bool:
         return self.freeze_from is not None

@@ -128,6 +128,12 @@ class Policy:
                steps_per_epoch: int | None) -> dict[str, LayerDecision]:
         return {}
 
+    def peak_assignment(self, layers: Mapping[str, LayerView]) -> dict[str, LayerDecision]:
+        """The assignment under which this policy trains the most (for memory estimates): its initial
+        one, with every score a layer's size, so a policy that ranks by a score ranks the largest
+        first. Policies that decide later override it with their largest decision."""
+        return self.initial(layers, size_scores(layers))
+
     def placed_by_run_length(self) -> dict[str, int]:
         """The steps this policy placed by the run's length (``run_steps``), named for a person
         (``{"the prefix freezes after step": 120}``); empty when nothing depends on it. The optimizer
@@ -151,6 +157,14 @@ class Policy:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "method")
         return f"{type(self).__name__}({args})"
+
+
+SIZE_KEYS = ("grad_norm", "snr", "snr_compat", "signal_fraction", "signal_fraction_compat", "weight_norm", "act_rms")
+
+
+def size_scores(layers: Mapping[str, LayerView]) -> dict[str, dict[str, float]]:
+    """Every score of every layer set to its size (``in × out``): what a worst-case estimate ranks by."""
+    return {name: dict.fromkeys(SIZE_KEYS, float(v.in_features * v.out_features)) for name, v in layers.items()}
 
 
 def percent_count(percent: float, n: int) -> int:

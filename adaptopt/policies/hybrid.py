@@ -20,6 +20,7 @@ from .base import (
     check_positive_int,
     percent_count,
     register_policy,
+    size_scores,
     units_in_mode,
 )
 
@@ -100,6 +101,13 @@ class Hybrid(Policy):
         if self.run_steps is None:
             return None
         return max(self.calibration_steps, math.ceil(self.freeze_at * self.run_steps))
+
+    def peak_assignment(self, layers: Mapping[str, LayerView]) -> dict[str, LayerDecision]:
+        """After the decision, before the prefix freezes: the top ``t`` % units FULL (the largest)."""
+        groups = units(layers.values(), self.granularity)
+        modes = self.assign(unit_importance(groups, size_scores(layers)), with_prefix=False)
+        return {name: LayerDecision(modes[unit], self.rank if modes[unit] is Mode.LORA else None)
+                for unit, names in groups.items() for name in names}
 
     def placed_by_run_length(self) -> dict[str, int]:
         step = self.freeze_step()

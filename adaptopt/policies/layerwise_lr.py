@@ -114,6 +114,9 @@ class LayerwiseLR(Policy):
                 out[name] = LayerDecision(d.mode if d else view.mode, d.rank if d else None, scales[name])
         return out
 
+    def peak_assignment(self, layers: Mapping[str, LayerView]) -> dict[str, LayerDecision]:
+        return self.base.peak_assignment(layers)  # LR scales move no memory
+
     def initial(self, layers: Mapping[str, LayerView], scores: Scores) -> dict[str, LayerDecision]:
         return self._combine(self.base.initial(layers, scores), layers,
                              self.scales(self.phases[0], layers, scores))

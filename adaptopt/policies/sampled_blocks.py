@@ -34,6 +34,7 @@ from .base import (
     Statistics,
     check_positive_int,
     register_policy,
+    size_scores,
 )
 
 EMBEDDINGS = ("embed_tokens", "word_embeddings", "wte", "wpe", "position_embeddings", "token_type_embeddings",
@@ -67,6 +68,18 @@ class SampledBlocks(Policy):
 
     def initial(self, layers: Mapping[str, LayerView], scores: Scores) -> dict[str, LayerDecision]:
         return self.assignment(layers, scores, 0)
+
+    def peak_assignment(self, layers: Mapping[str, LayerView]) -> dict[str, LayerDecision]:
+        """The largest blocks a draw can pick, FULL; the rest frozen."""
+        groups = self.blocks(layers)
+        sizes = unit_importance(groups, size_scores(layers))
+        largest = set(sorted(groups, key=lambda u: -sizes[u])[:self.active_count()])
+        return {name: LayerDecision(Mode.FULL if unit in largest else Mode.FROZEN)
+                for unit, names in groups.items() for name in names}
+
+    def active_count(self) -> int:
+        """How many blocks train at a time."""
+        return 1
 
     def is_decision_step(self, step: int, steps_per_epoch: int | None) -> bool:
         return step % self.period == 0
@@ -112,6 +125,9 @@ class LISA(SampledBlocks):
 
     def statistics(self) -> Statistics:
         return Statistics("cheap" if self.weighted else None, activations=False, frozen_layers=True)
+
+    def active_count(self) -> int:
+        return self.gamma
 
     def wants_stats(self, step: int, steps_per_epoch: int | None) -> bool:
         return self.weighted and (-step) % self.period < self.score_steps

@@ -44,6 +44,13 @@ dist.destroy_process_group()
 """
 
 
+def dump_stacks(pids: list[int]) -> None:
+    for pid in pids:
+        spy = os.path.join(os.path.dirname(sys.executable), "py-spy")  # pip install py-spy
+        out = subprocess.run([spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+        print(f"--- process {pid}\n{out.stdout[-6000:]}{out.stderr[-500:]}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--launches", type=int, default=40)
@@ -51,6 +58,8 @@ def main() -> None:
     parser.add_argument("--ddp", action="store_true", help="a bare DDP worker (no adaptopt), rebuilt three times")
     parser.add_argument("--script", help="launch this script instead of the bare gloo worker (e.g. "
                         "examples/ddp_torchrun.py, to compare with adaptopt's own workers)")
+    parser.add_argument("--dump", action="store_true", help="on a hang, print every stuck process's Python and "
+                        "native stacks (py-spy dump --native) before killing it")
     parser.add_argument("script_args", nargs="*")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -67,7 +76,7 @@ def main() -> None:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
                        *[a.replace("{i}", str(i)) for a in args.script_args]]
             try:
-                run = _run_in_own_group(command, env, args.timeout)
+                run = _run_in_own_group(command, env, args.timeout, on_timeout=dump_stacks if args.dump else None)
             except subprocess.TimeoutExpired:
                 counts["hang"] += 1
                 print(f"launch {i}: hang", flush=True)
