@@ -225,11 +225,13 @@ def from_path(cfg: Mapping[str, Any], split: str = "test") -> TextData:
     if headers:
         notes.append(f"dropped {len(headers)} row(s) repeating the header")
     labels = _column(rows, label_col, "data.label_column", path)
-    empty = [i for i, r in enumerate(rows) if i not in set(headers) and not str(r.get(text_col) or "").strip()]
+    header_rows = set(headers)
+    empty = [i for i, r in enumerate(rows) if i not in header_rows and not str(r.get(text_col) or "").strip()]
     if empty:
         notes.append(f"dropped {len(empty)} row(s) with an empty {text_col!r} "
                      f"({', '.join(row_name(i, path) for i in empty[:3])}{' …' if len(empty) > 3 else ''})")
-    keep = [i for i in range(len(rows)) if i not in set(headers) | set(empty)]
+    dropped = header_rows | set(empty)
+    keep = [i for i in range(len(rows)) if i not in dropped]
     labels = clean_labels([labels[i] for i in keep], cfg, path, label_col)
     kept_rows = [rows[i] for i in keep]
     groups = [r[group_col] for r in kept_rows] if group_col else keep
