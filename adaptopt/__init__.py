@@ -44,7 +44,8 @@ from .policies import (
 )
 from .surgery.inject import ARCHITECTURE_TARGETS, TargetInfo, find_adapters, inject_adapters, select_targets
 from .surgery.unload import disable_adapters, merge_and_unload
-from .training.memory import MemoryEstimate, estimate_memory
+from .training.budget import MemoryBudget
+from .training.estimate import MemoryEstimate, estimate_memory
 from .training.optimizer import AdaptiveOptimizer
 
 __version__ = "0.1.0"
@@ -91,6 +92,7 @@ __all__ = [
     "disable_adapters",
     "estimate_memory",
     "MemoryEstimate",
+    "MemoryBudget",
     "merge_and_unload",
     "select_targets",
 ]

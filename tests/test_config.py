@@ -19,6 +19,15 @@ def kwargs_for(fine_tuning: dict) -> dict:
     return optimizer_kwargs(config["fine_tuning"], config["training"], "t.yaml: fine_tuning")
 
 
+def test_a_memory_budget_counts_the_runs_own_step():
+    """A method's budget wins over training's; its activations are the run's batch at max_length."""
+    config = normalise({**BASE, "training": {"memory_budget": "lora+10%", "batch_size": 4, "max_length": 32},
+                        "fine_tuning": {"method": "lisa", "memory_budget": "2GB"}}, "t.yaml")
+    budget = optimizer_kwargs(config["fine_tuning"], config["training"], "t")["memory_budget"]
+    assert (budget.limit, budget.batch_size, budget.seq_len) == ("2GB", 4, 32)
+    assert "memory_budget" not in kwargs_for({"method": "lisa"})
+
+
 def test_the_seed_lora_and_qlora_blocks_map_verbatim():
     lora = {"r": 16, "alpha": 32, "dropout": 0.05, "bias": "none",
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -88,6 +97,8 @@ def test_shipped_example_configs_validate():
     ({**BASE, "training": {"trainable": [3]}}, "training.trainable: expected a list of parameter name patterns"),
     ({**BASE, "compare": {"methods": [{"method": "lora", "trainable": ["Layer[Norm"]}]}},
      "compare.methods[0].trainable: invalid name pattern 'Layer[Norm'"),
+    ({**BASE, "training": {"memory_budget": "plenty"}}, "training.memory_budget: expected bytes"),
+    ({**BASE, "fine_tuning": {"method": "hybrid", "memory_budget": "25%"}}, "fine_tuning.memory_budget: expected"),
 ])
 def test_bad_configs_name_the_file_and_key(raw, message):
     with pytest.raises(ConfigError) as err:

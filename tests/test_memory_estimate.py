@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from adaptopt import AdaptiveOptimizer, Mode
-from adaptopt.training.memory import _saved_activation_bytes, estimate_memory, plan_table
+from adaptopt.training.estimate import estimate_memory, plan_table
+from adaptopt.training.memory import saved_activation_bytes
 from tests.tiny_models import tiny_llama, transformers
 
 
@@ -42,8 +43,8 @@ def test_the_meta_trace_counts_what_a_real_forward_saves():
     AdaptiveOptimizer(real, lr=1e-3, policy="lora", rank=4)
     import copy
     meta = copy.deepcopy(real).to("meta")
-    on_meta, logits_meta = _saved_activation_bytes(meta, 2, 8, torch.device("meta"))
-    on_cpu, logits_cpu = _saved_activation_bytes(real, 2, 8, torch.device("cpu"))
+    on_meta, logits_meta = saved_activation_bytes(meta, 2, 8, torch.device("meta"))
+    on_cpu, logits_cpu = saved_activation_bytes(real, 2, 8, torch.device("cpu"))
     assert on_meta == on_cpu > 0 and logits_meta == logits_cpu == 2 * 8 * real.config.vocab_size
 
 

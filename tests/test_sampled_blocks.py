@@ -104,12 +104,12 @@ def test_importance_sampling_follows_its_weights():
     n = 4000
     counts = dict.fromkeys(groups, 0)
     for index in range(1, n + 1):
-        counts[policy.choose(groups, scores, index)[0]] += 1
+        counts[policy.choose(groups, scores, index, 1)[0]] += 1
     for (unit, count), w in zip(counts.items(), weights):
         p = w / sum(weights)
         assert abs(count - n * p) <= 4 * math.sqrt(n * p * (1 - p)), (unit, count, n * p)
     two = LISA(gamma=2, weighted=True)
-    assert all(len(set(two.choose(groups, scores, i))) == 2 for i in range(1, 50))  # without replacement
+    assert all(len(set(two.choose(groups, scores, i, 2))) == 2 for i in range(1, 50))  # without replacement
 
 
 @pytest.mark.parametrize("build, message", [

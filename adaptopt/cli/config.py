@@ -36,7 +36,7 @@ DATA_KEYS = {"name", "path", "text_column", "label_column", "group_column", "tas
 MODEL_KEYS = {"name", "path", "new_head"}
 TRAINING_KEYS = {"epochs", "batch_size", "eval_batch_size", "lr", "lora_lr", "seed", "max_length", "max_steps",
                  "warmup_ratio", "weight_decay", "gradient_accumulation_steps", "logging_steps", "max_grad_norm",
-                 "train_other", "trainable"}
+                 "train_other", "trainable", "memory_budget"}
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bias", "rslora"}
 # The same settings under adaptopt's Python names and PEFT's (adaptopt/peft_arguments.py): all three spellings work
 LORA_SPELLINGS = {"rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "targets": "target_modules",
@@ -141,6 +141,7 @@ def normalise(raw: Mapping[str, Any], source: str = "<config>") -> dict:
         raise ConfigError(f"{source}: data: give a registry name (rotten_tomatoes, bbc_news, chitchat) or "
                           "{path: FILE_OR_DIR, text_column: ..., label_column: ...}")
     training = {**DEFAULT_TRAINING, **_check_keys(config.get("training"), TRAINING_KEYS, source, "training")}
+    _check_budget(training, source, "training")
     _check_values(training, TRAINING_RULES, source, "training")
     _check_patterns(training, source, "training")
     _check_values(data, DATA_RULES, source, "data")
@@ -245,8 +246,9 @@ def method_config(value: Any, source: str, key: str, base: Mapping[str, Any] | N
         raise ConfigError(f"{source}: {key}.method: unknown method {method!r}; expected one of {methods()} (a policy "
                           "of your own: @adaptopt.register_policy it in a module named under `plugins:`)")
     allowed = {"method", "label", "lr", "lora_lr", "lora", "quantization", "spectrum", "train_other", "trainable",
-               method}
+               "memory_budget", method}
     _check_keys(value, allowed, source, key)
+    _check_budget(value, source, key)
     merged = {k: copy.deepcopy(v) for k, v in (base or {}).items() if k in ("lora", "quantization")}
     merged.update(value)
     if isinstance(merged.get("lora"), Mapping):
@@ -261,6 +263,16 @@ def method_config(value: Any, source: str, key: str, base: Mapping[str, Any] | N
     _check_patterns(merged, source, key)
     merged.setdefault("label", _default_label(merged))
     return merged
+
+
+def _check_budget(section: Mapping[str, Any], source: str, key: str) -> None:
+    """``memory_budget`` (a method's or ``training``'s) in a form :class:`adaptopt.MemoryBudget` reads."""
+    from adaptopt.training.budget import parse_limit
+    if section.get("memory_budget") is not None:
+        try:
+            parse_limit(section["memory_budget"])
+        except ValueError as err:
+            raise ConfigError(f"{source}: {key}.{err}") from None
 
 
 def _framework_spelling(section: Mapping[str, Any], source: str, key: str) -> dict[str, Any]:

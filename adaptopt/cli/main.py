@@ -207,7 +207,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from adaptopt import estimate_memory
-    from adaptopt.training.memory import plan_table
+    from adaptopt.training.estimate import plan_table
 
     from .models import model_directory
     source = {"path": args.model} if Path(args.model).exists() else {"name": args.model}
@@ -223,11 +223,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for name in args.policies.split(","):
         try:
             estimates[name] = estimate_memory(model, name, args.batch_size, args.seq_len, dtype=dtype, rank=args.rank,
-                                              gradient_checkpointing=args.gradient_checkpointing)
+                                              gradient_checkpointing=args.gradient_checkpointing,
+                                              memory_budget=args.budget)
         except ValueError as err:
             raise ConfigError(f"plan: policy {name!r}: {err}") from None
     print(f"{args.model}: batch {args.batch_size} × {args.seq_len} tokens, weights in {args.dtype}, LoRA rank "
-          f"{args.rank}{', gradient checkpointing' if args.gradient_checkpointing else ''} (GB; the process itself, "
+          f"{args.rank}{', gradient checkpointing' if args.gradient_checkpointing else ''}"
+          f"{f', memory budget {args.budget}' if args.budget else ''} (GB; the process itself, "
           "a CUDA context and allocator slack come on top)")
     print(plan_table(estimates))
     return 0
@@ -275,6 +277,8 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default="float32")
     plan.add_argument("--rank", type=int, default=16)
     plan.add_argument("--gradient-checkpointing", action="store_true")
+    plan.add_argument("--budget", default=None, help="a memory budget ('24GB', '1.3x', 'lora+25%%'): policies that "
+                      "spend one (hybrid, automode, lisa, badam) plan within it")
     plan.set_defaults(run=cmd_plan)
     return p
 

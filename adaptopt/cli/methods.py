@@ -8,6 +8,8 @@ the rest FROZEN. ``full`` trains every parameter (embeddings too); other methods
 task head plus what their policy chooses (``training.train_other: true`` adds the rest;
 ``trainable: [patterns]``, in ``training`` or a method, adds the parameters those name). A
 section named after the method holds the policy's own arguments (``automode: {u: 6, t: 10}``).
+``memory_budget`` (a method's, else ``training``'s) is the optimizer's, its activations those of a
+``batch_size × max_length`` step.
 """
 from __future__ import annotations
 
@@ -88,6 +90,10 @@ def optimizer_kwargs(method_cfg: Mapping[str, Any], training: Mapping[str, Any],
     }
     if lora.get("target_modules"):
         kwargs["targets"] = list(lora["target_modules"])
+    budget = method_cfg.get("memory_budget", training.get("memory_budget"))
+    if budget is not None:  # the run's own step counts: its batch at the longest sequence it allows
+        from adaptopt import MemoryBudget
+        kwargs["memory_budget"] = MemoryBudget(budget, int(training["batch_size"]), int(training["max_length"]))
     quant = quantize_config(method_cfg.get("quantization"), where)
     if quant is not None and method_cfg["method"] in ("qlora", "alors"):
         kwargs["quantize"] = quant

@@ -20,6 +20,7 @@ from .base import (
     register_policy,
     require_epochs,
     size_scores,
+    spend_on_full,
     units_in_mode,
 )
 
@@ -62,9 +63,13 @@ class AutoMode(Policy):
     AutoMode's README says "t=10 means the top 10 % most active layers are fully
     fine-tuned"; its notebook code does the opposite (``score >= percentile(scores, t)``
     sends ~90 % of layers to full). This follows the README. Ties rank in model order.
+
+    Under a memory budget (``AdaptiveOptimizer(memory_budget=)``) ``t`` is replaced by the budget:
+    at each decision units become FULL in order of held importance while the assignment fits.
     """
 
     method = "automode"
+    spends_budget = True
 
     def __init__(self, u: int = 6, t: float = 10.0, bottom: float = 0.0, rank: int | None = None,
                  granularity: str = "block", score_steps: int | None = 8, score: str = "cheap",
@@ -120,15 +125,21 @@ class AutoMode(Policy):
         next_decision = min(p for p in evenly_spaced(spe, self.u) if p >= position)
         return next_decision - position < self.score_steps
 
-    def assign(self, importance: Mapping[str, float], full_now: frozenset[str] = frozenset()) -> dict[str, Mode]:
+    def assign(self, importance: Mapping[str, float], full_now: frozenset[str] = frozenset(),
+               within: tuple[Mapping[str, list[str]], Mapping[str, LayerView]] | None = None) -> dict[str, Mode]:
         """The mode of each unit given its importance and the units FULL now (pure;
         deterministic for equal input). The FULL slots go by ``I·(1 + keep)`` for units in
-        ``full_now``, ``I`` for the others; LoRA and FROZEN by ``I``."""
+        ``full_now``, ``I`` for the others; LoRA and FROZEN by ``I``. Under a budget the FULL
+        slots are as many as fit with every other unit in LoRA (``within``: the units' layers
+        and the views)."""
         position = {unit: i for i, unit in enumerate(importance)}
         held = {u: v * (1.0 + self.keep) if u in full_now else v for u, v in importance.items()}
         by_held = sorted(importance, key=lambda unit: (-held[unit], position[unit]))
-        n_full = percent_count(self.t, len(by_held))
-        full = by_held[:n_full]
+        groups, views = within if within is not None else ({}, {})
+        full = spend_on_full(by_held, percent_count(self.t, len(by_held)), {u: groups[u] for u in by_held} if within
+                             else {}, views, lambda u: LayerDecision(Mode.LORA, self.rank),
+                             self.memory_budget if within else None)
+        n_full = len(full)
         rest = sorted((u for u in importance if u not in full), key=lambda unit: (-importance[unit], position[unit]))
         ranked = full + rest
         n_frozen = min(percent_count(self.bottom, len(ranked)), len(ranked) - n_full)
@@ -140,7 +151,7 @@ class AutoMode(Policy):
     def peak_assignment(self, layers: Mapping[str, LayerView]) -> dict[str, LayerDecision]:
         """A decision with nothing frozen yet: the top ``t`` % units FULL (the largest), the rest LoRA."""
         groups = units(layers.values(), self.granularity)
-        modes = self.assign(unit_importance(groups, size_scores(layers)))
+        modes = self.assign(unit_importance(groups, size_scores(layers)), within=(groups, layers))
         return {name: LayerDecision(Mode.LORA if modes[unit] is Mode.FROZEN else modes[unit],
                                     self.rank if modes[unit] is not Mode.FULL else None)
                 for unit, names in groups.items() for name in names}
@@ -177,6 +188,6 @@ class AutoMode(Policy):
             retired += order[:extra]
             importance = {u: v for u, v in importance.items() if u not in retired}
         full_now = frozenset(units_in_mode(active, layers, Mode.FULL))
-        modes = {**self.assign(importance, full_now), **dict.fromkeys(retired, Mode.FROZEN)}
+        modes = {**self.assign(importance, full_now, within=(groups, layers)), **dict.fromkeys(retired, Mode.FROZEN)}
         return {name: LayerDecision(modes[unit], self.rank if modes[unit] is Mode.LORA else None)
                 for unit, names in groups.items() for name in names}

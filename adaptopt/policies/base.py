@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, NamedTuple
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
 
 from ..modes import Mode
 from ..name_patterns import matcher as name_matcher  # noqa: F401  (re-exported: policies match names with it)
@@ -84,6 +84,47 @@ class Statistics(NamedTuple):
     frozen_layers: bool = True
 
 
+class Budget(NamedTuple):
+    """Bytes a run may spend on training memory, and what an assignment costs (docs/optimizer.md,
+    "Memory budgets"). Pure for the policy: ``cost`` maps every layer's ``(mode, rank)`` to the
+    peak bytes of the run in that assignment; the optimizer builds it from the model
+    (:mod:`adaptopt.training.budget`), tests from made-up sizes."""
+
+    limit: int
+    cost: Callable[[Mapping[str, tuple[Mode, int]]], int]
+
+    def cost_of(self, layers: Mapping[str, LayerView], decisions: Mapping[str, LayerDecision]) -> int:
+        """The cost of ``layers`` after ``decisions`` (layers left out keep their mode and rank)."""
+        modes = {}
+        for name, view in layers.items():
+            d = decisions.get(name)
+            modes[name] = (view.mode, view.rank) if d is None else (d.mode, d.rank or view.rank)
+        return self.cost(modes)
+
+    def fits(self, layers: Mapping[str, LayerView], decisions: Mapping[str, LayerDecision]) -> bool:
+        return self.cost_of(layers, decisions) <= self.limit
+
+
+def spend_on_full(ranked: Sequence[str], count: int, groups: Mapping[str, Sequence[str]],
+                  layers: Mapping[str, LayerView], rest: Callable[[str], LayerDecision],
+                  budget: Budget | None) -> list[str]:
+    """The units of ``ranked`` (most important first) that train fully. Without a budget: the
+    first ``count``. With one, ``count`` is ignored and the budget is spent: each unit in turn
+    joins if the assignment (the chosen units FULL, every other unit ``rest(unit)``) still fits,
+    a unit that does not fit is skipped and the next one tried — so no unit left out could be
+    added within the budget."""
+    if budget is None:
+        return list(ranked[:count])
+    chosen: list[str] = []
+    for unit in ranked:
+        trial = set(chosen) | {unit}
+        decisions = {name: LayerDecision(Mode.FULL) if u in trial else rest(u)
+                     for u, names in groups.items() for name in names}
+        if budget.fits(layers, decisions):
+            chosen.append(unit)
+    return chosen
+
+
 class Policy:
     """Base class with the defaults of a static policy: one initial assignment, no decisions,
     no statistics. Subclasses override what they need.
@@ -99,6 +140,10 @@ class Policy:
     # (AdaptiveOptimizer(total_steps=), set_total_steps) and kept in its state_dict, so a resumed run
     # keeps every step placed by it; not part of config(): it belongs to the run, not to the settings
     run_steps: int | None = None
+    # the run's memory budget (AdaptiveOptimizer(memory_budget=)), set by the optimizer like run_steps;
+    # a policy that spends it (spends_budget) chooses its FULL units with spend_on_full
+    memory_budget: Budget | None = None
+    spends_budget: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every policy's constructor takes PEFT's names too (``LoRA(r=16)``; :mod:`adaptopt.peft_arguments`)."""

@@ -21,6 +21,7 @@ from .base import (
     percent_count,
     register_policy,
     size_scores,
+    spend_on_full,
     units_in_mode,
 )
 
@@ -46,6 +47,9 @@ class Hybrid(Policy):
         rank: LoRA rank of the LoRA units (``None``: the optimizer's ``rank``).
         granularity, score: as for :class:`~adaptopt.AutoMode`.
 
+    Under a memory budget (``AdaptiveOptimizer(memory_budget=)``) ``t`` is replaced by the budget:
+    units become FULL in order of importance while the assignment fits (docs/optimizer.md).
+
     Unlike AutoMode it needs no epoch length and scores only at the start; after calibration
     its cost is that of its fixed assignment, less the prefix's backward pass once it freezes.
     The defaults (t=33, the lowest third frozen for the last 40% of the run) won the settings
@@ -53,6 +57,7 @@ class Hybrid(Policy):
     """
 
     method = "hybrid"
+    spends_budget = True
 
     def __init__(self, t: float = 33.0, calibration_steps: int = 20, freeze_prefix: float = 33.0,
                  rank: int | None = None, granularity: str = "block", score: str = "cheap",
@@ -105,7 +110,7 @@ class Hybrid(Policy):
     def peak_assignment(self, layers: Mapping[str, LayerView]) -> dict[str, LayerDecision]:
         """After the decision, before the prefix freezes: the top ``t`` % units FULL (the largest)."""
         groups = units(layers.values(), self.granularity)
-        modes = self.assign(unit_importance(groups, size_scores(layers)), with_prefix=False)
+        modes = self.assign(unit_importance(groups, size_scores(layers)), with_prefix=False, within=(groups, layers))
         return {name: LayerDecision(modes[unit], self.rank if modes[unit] is Mode.LORA else None)
                 for unit, names in groups.items() for name in names}
 
@@ -113,11 +118,15 @@ class Hybrid(Policy):
         step = self.freeze_step()
         return {"the prefix freezes after step": step} if isinstance(self.freeze_at, float) and step else {}
 
-    def assign(self, importance: Mapping[str, float], with_prefix: bool = True) -> dict[str, Mode]:
-        """Units in model order → modes (pure): top ``t`` % FULL, then the bottom prefix FROZEN."""
+    def assign(self, importance: Mapping[str, float], with_prefix: bool = True,
+               within: tuple[Mapping[str, list[str]], Mapping[str, LayerView]] | None = None) -> dict[str, Mode]:
+        """Units in model order → modes (pure): top ``t`` % FULL (under a budget: as many as fit,
+        ``within`` = the units' layers and the views), then the bottom prefix FROZEN."""
         order = list(importance)
         ranked = sorted(order, key=lambda u: (-importance[u], order.index(u)))
-        full = set(ranked[:percent_count(self.t, len(order))])
+        groups, views = within if within is not None else ({}, {})
+        full = set(spend_on_full(ranked, percent_count(self.t, len(order)), groups, views,
+                                 lambda u: LayerDecision(Mode.LORA, self.rank), self.memory_budget if within else None))
         prefix = self.prefix(order, full) if with_prefix else []
         return {u: Mode.FULL if u in full else Mode.FROZEN if u in prefix else Mode.LORA for u in order}
 
@@ -142,6 +151,7 @@ class Hybrid(Policy):
             full = set(units_in_mode(groups, layers, Mode.FULL))
             return {name: LayerDecision(Mode.FROZEN) for unit in self.prefix(list(groups), full)
                     for name in groups[unit]}
-        modes = self.assign(unit_importance(groups, scores), with_prefix=freeze_step == self.calibration_steps)
+        modes = self.assign(unit_importance(groups, scores), with_prefix=freeze_step == self.calibration_steps,
+                            within=(groups, layers))
         return {name: LayerDecision(modes[unit], self.rank if modes[unit] is Mode.LORA else None)
                 for unit, names in groups.items() for name in names}

@@ -18,6 +18,10 @@ reference resets them too; LISA's kept them, the memory complaint of its users).
 seeded by the period's index, so a resumed run draws the same blocks; with ``weighted=True`` LISA
 samples by gradient importance (the cheap score, gathered on the ``score_steps`` steps before each
 draw) instead of uniformly — our scores are nearly free.
+
+Under a memory budget (``AdaptiveOptimizer(memory_budget=)``) the number of blocks trained at a
+time is the budget's: as many as fit when the largest blocks are the ones drawn (so every draw
+fits) — LISA draws that many, BAdam trains a window of that many consecutive blocks in its order.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ class SampledBlocks(Policy):
     period: int
     train_embeddings: bool
     seed: int
+    spends_budget = True
 
     def blocks(self, layers: Mapping[str, LayerView]) -> dict[str, list[str]]:
         groups = units(layers.values(), "block")
@@ -56,13 +61,28 @@ class SampledBlocks(Policy):
                              "block index (e.g. 'model.layers.3.…')")
         return groups
 
-    def choose(self, groups: Mapping[str, list[str]], scores: Scores, index: int) -> list[str]:
-        """The units that train in sampling period ``index`` (0 = the start)."""
+    def choose(self, groups: Mapping[str, list[str]], scores: Scores, index: int, width: int) -> list[str]:
+        """The ``width`` units that train in sampling period ``index`` (0 = the start), in the
+        order they were drawn."""
         raise NotImplementedError
+
+    def width(self, groups: Mapping[str, list[str]], layers: Mapping[str, LayerView]) -> int:
+        """Blocks trained at a time: :meth:`active_count`, or under a budget as many as fit when
+        the largest blocks are the ones drawn (so every draw fits)."""
+        if self.memory_budget is None:
+            return min(self.active_count(), len(groups))
+        sizes = unit_importance(groups, size_scores(layers))
+        largest = sorted(groups, key=lambda u: -sizes[u])
+        width = 0
+        while width < len(largest) and self.memory_budget.fits(layers, {
+                name: LayerDecision(Mode.FULL if unit in largest[:width + 1] else Mode.FROZEN)
+                for unit, names in groups.items() for name in names}):
+            width += 1
+        return width
 
     def assignment(self, layers: Mapping[str, LayerView], scores: Scores, index: int) -> dict[str, LayerDecision]:
         groups = self.blocks(layers)
-        chosen = set(self.choose(groups, scores, index))
+        chosen = set(self.choose(groups, scores, index, self.width(groups, layers)))
         return {name: LayerDecision(Mode.FULL if unit in chosen else Mode.FROZEN)
                 for unit, names in groups.items() for name in names}
 
@@ -73,7 +93,7 @@ class SampledBlocks(Policy):
         """The largest blocks a draw can pick, FULL; the rest frozen."""
         groups = self.blocks(layers)
         sizes = unit_importance(groups, size_scores(layers))
-        largest = set(sorted(groups, key=lambda u: -sizes[u])[:self.active_count()])
+        largest = set(sorted(groups, key=lambda u: -sizes[u])[:self.width(groups, layers)])
         return {name: LayerDecision(Mode.FULL if unit in largest else Mode.FROZEN)
                 for unit, names in groups.items() for name in names}
 
@@ -132,9 +152,9 @@ class LISA(SampledBlocks):
     def wants_stats(self, step: int, steps_per_epoch: int | None) -> bool:
         return self.weighted and (-step) % self.period < self.score_steps
 
-    def choose(self, groups: Mapping[str, list[str]], scores: Scores, index: int) -> list[str]:
+    def choose(self, groups: Mapping[str, list[str]], scores: Scores, index: int, width: int) -> list[str]:
         order = list(groups)
-        k = min(self.gamma, len(order))
+        k = min(width, len(order))
         rng = self.rng(index)
         if not self.weighted or index == 0:  # the first draw has no scores yet: uniform
             return rng.sample(order, k)
@@ -177,14 +197,18 @@ class BAdam(SampledBlocks):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed = seed
 
-    def choose(self, groups: Mapping[str, list[str]], scores: Scores, index: int) -> list[str]:
+    def choose(self, groups: Mapping[str, list[str]], scores: Scores, index: int, width: int) -> list[str]:
+        """Period ``index`` trains the ``index``-th window of ``width`` consecutive blocks of the
+        pass order (a window never wraps into the next pass; the last one of a pass may be narrower)."""
         order = list(groups)
         n = len(order)
+        windows = -(-n // width)
+        cycle, slot = divmod(index, windows)
         if self.order == "descending":
-            return [order[n - 1 - index % n]]
-        if self.order == "ascending":
-            return [order[index % n]]
-        cycle = index // n
-        permutation = order[:]
-        self.rng(cycle).shuffle(permutation)
-        return [permutation[index % n]]
+            sequence = order[::-1]
+        elif self.order == "ascending":
+            sequence = order
+        else:
+            sequence = order[:]
+            self.rng(cycle).shuffle(sequence)
+        return sequence[slot * width:(slot + 1) * width]

@@ -1,74 +1,72 @@
-r"""How much memory a fine-tune needs, per policy, before renting the GPU (docs/optimizer.md).
-
-:func:`estimate_memory` builds nothing real: the model may live on the ``meta`` device (an 8B
-config costs no memory). For a policy it takes the assignment where the policy trains the most
-(:meth:`Policy.peak_assignment` — Hybrid's FULL blocks, LISA's sampled ones, ...) and adds up
-
-.. math::  M = W + G + O + A + L
-
-- ``W``: every weight at its storage dtype (a 4-bit base: half a byte per element plus its block
-  constants, 4 bytes per ``blocksize``);
-- ``G``: one gradient per trained element, in the parameter's dtype;
-- ``O``: AdamW's two moments per trained element, in the parameter's dtype (as ``torch.optim.AdamW``
-  keeps them);
-- ``A``: the activations autograd saves for backward, *traced*: one forward of the adapted model on
-  ``(batch, seq)`` meta inputs under ``saved_tensors_hooks`` counts the bytes of every tensor saved
-  (each tensor once), so a frozen prefix, LoRA's fused node (it keeps ``x`` and ``x·Aᵀ``) and
-  gradient checkpointing are all seen as they are (attention is traced eagerly: transformers' SDPA
-  mask helpers read values, which meta tensors have not — so the attention weights count, as they do
-  on CPU, where flash attention would not keep them);
-- ``L``: the output logits and their gradient, ``2·batch·seq·vocab`` floats, the transient peak of
-  the loss.
-
-What it leaves out is stated, not guessed: the allocator's fragmentation, a CUDA context, the Python
-process itself (a CPU run's resident memory adds torch's and transformers' own ~0.3–0.6 GB), and
-autocast's 16-bit activations. Its accuracy against measured peaks is not established yet.
+r"""What training holds in memory, from shapes alone: the bytes of an assignment's tensors and
+gradients (:func:`state_bytes`) and the activations one step saves for backward, traced on the
+``meta`` device (:func:`saved_activation_bytes`). The estimator (:mod:`adaptopt.training.estimate`)
+and the budgets (:mod:`adaptopt.training.budget`) both count with these, so they agree by
+construction (docs/optimizer.md, "Planning memory before the run").
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import itertools
+import math
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from ..layers.quant_config import QuantConfig
+from ..layers.layout import Layout
+from ..layers.lora import LoRALinear
 from ..layers.trainable_flags import train_exactly
-from ..policies import build_policy
-from ..surgery.inject import DEFAULT_ALPHA, DEFAULT_RANK, inject_adapters
-from .arguments import TASK_HEADS
-from .policy_inputs import layer_views
+from ..modes import Mode
 from .transitions import TrainRules, plan_trainable
 
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes per component (see the module docstring) and their total."""
-
-    weights: int
-    gradients: int
-    optimizer: int
-    activations: int
-    logits: int
-    trained_elements: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
-
-    def row(self) -> dict[str, float]:
-        """The components in GB, as the plan table prints them."""
-        gb = 1e9
-        return {"weights": self.weights / gb, "gradients": self.gradients / gb, "optimizer": self.optimizer / gb,
-                "activations": self.activations / gb, "logits": self.logits / gb, "total": self.total / gb}
+VARIABLE = ("lora_A", "lora_B", "delta")  # a layer's tensors that exist in some states only (layers/layout.py)
 
 
-def _weight_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def meta_copy(model: nn.Module) -> nn.Module:
+    """``model`` with every parameter and buffer replaced by a ``meta`` tensor of its shape and
+    dtype — nothing is allocated, nothing of ``model`` changes (a deep copy whose memo maps each
+    tensor to its meta twin, so the weights are never copied)."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        twin = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(twin, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else twin
+    return copy.deepcopy(model, memo)
 
 
-def _saved_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, device: torch.device) -> tuple[int, int]:
+def layouts_for(layers: Mapping[str, LoRALinear], modes: Mapping[str, tuple[Mode, int]]) -> dict[str, Layout]:
+    """Each layer's layout in ``modes`` (``{name: (mode, rank)}``; factors exactly in LoRA)."""
+    return {name: layers[name].layout().with_structure(mode, rank, mode is Mode.LORA)
+            for name, (mode, rank) in modes.items()}
+
+
+def state_bytes(model: nn.Module, layers: Mapping[str, LoRALinear], rules: TrainRules,
+                layouts: Mapping[str, Layout]) -> tuple[int, int, int]:
+    """``(W, G, trained elements)`` of ``model`` with its layers in ``layouts``, computed from
+    shapes alone (nothing changes): ``W`` every tensor's storage (the layers' factors and 4-bit
+    deltas as ``layouts`` has them, at the layer's dtype), ``G`` one gradient per trained element
+    (:func:`~adaptopt.training.transitions.plan_trainable`) at its tensor's dtype. AdamW's moments
+    are ``2·G``."""
+    variable = {id(p) for m in layers.values() for n, p in m.named_parameters() if n in VARIABLE}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in variable)
+    size_of = {}
+    for name, layer in layers.items():
+        factor_size = torch.empty((), dtype=layer._weight_dtype()).element_size()
+        for tensor, spec in layer.tensor_specs(layouts[name]).items():
+            n = math.prod(spec.shape)
+            if tensor in VARIABLE:
+                weights += n * factor_size
+                size_of[f"{name}.{tensor}"] = factor_size
+    params = dict(model.named_parameters())
+    grads = trained = 0
+    for pname, (_, shape) in plan_trainable(model, layers, rules, layouts).items():
+        n = math.prod(shape)
+        trained += n
+        grads += n * size_of.get(pname, params[pname].element_size() if pname in params else 4)
+    return weights, grads, trained
+
+
+def saved_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, device: torch.device) -> tuple[int, int]:
     """Bytes autograd saves in one forward, each tensor once; and the logits' element count."""
     seen: dict[int, int] = {}
     kept: list[torch.Tensor] = []
@@ -101,57 +99,17 @@ def _saved_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, dev
     return sum(seen.values()), int(logits.numel()) if torch.is_tensor(logits) else batch_size * seq_len * vocab
 
 
-def estimate_memory(model: nn.Module, policy: Any = "hybrid", batch_size: int = 8, seq_len: int = 512, *,
-                    dtype: torch.dtype | None = None, rank: int = DEFAULT_RANK, alpha: float = DEFAULT_ALPHA,
-                    targets: Any = "auto", quantize: Any = None, gradient_checkpointing: bool = False,
-                    trainable: tuple[str, ...] = TASK_HEADS) -> MemoryEstimate:
-    """The peak training memory of ``model`` under ``policy`` (bytes, by component; the module
-    docstring has the formula), with its weights in ``dtype`` (default: as they are). ``model`` is
-    copied to the ``meta`` device first (nothing is allocated; build big models there:
-    ``with torch.device("meta"): AutoModelForCausalLM.from_config(config)``). Gradients and AdamW's
-    moments take the parameters' dtype, as ``torch.optim.AdamW`` keeps them. Not yet modelled:
-    autocast's 16-bit activations over 32-bit weights, fp32 master copies."""
-    for label, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{label} must be a positive int, got {value!r}")
-    policy = build_policy(policy)
-    meta = copy.deepcopy(model).to("meta")
-    if dtype is not None:
-        meta = meta.to(dtype)
-    if gradient_checkpointing and callable(getattr(meta, "gradient_checkpointing_enable", None)):
-        meta.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = inject_adapters(meta, targets, rank, alpha, mode="frozen")  # 4-bit bases are counted, not built
-    quant = quantize if quantize is not None else policy.quantize
-    blocksize = QuantConfig.coerce(quant).blocksize if quant is not None else None
-    decisions = policy.peak_assignment(layer_views(layers, dict.fromkeys(layers, 1.0)))
-    layouts = {name: m.layout().with_structure(decisions[name].mode, decisions[name].rank or rank,
-                                               decisions[name].mode.value == "lora")
-               if name in decisions else m.layout() for name, m in layers.items()}
-    for name, layer in layers.items():
-        layer.adopt_layout(layouts[name])
-    rules = TrainRules(policy.method == "full", tuple(trainable) + tuple(policy.trainable_extra()), ())
-    plan = plan_trainable(meta, layers, rules, layouts)
-    params = {n: p for n, p in meta.named_parameters()}
-    train_exactly(meta, [params[n] for n in plan])
-    trained = sum(params[n].numel() for n in plan)
-    grad_bytes = sum(params[n].numel() * params[n].element_size() for n in plan)
-    moment_bytes = 2 * grad_bytes
-    activations, logits = _saved_activation_bytes(meta, batch_size, seq_len, torch.device("meta"))
-    weights = _weight_bytes(meta)
-    if blocksize is not None:  # NF4/FP4: half a byte per element and an fp32 constant per block
-        for layer in layers.values():
-            w = layer.base.weight
-            weights += w.numel() // 2 + 4 * (w.numel() // blocksize) - w.numel() * w.element_size()
-    return MemoryEstimate(weights, grad_bytes, moment_bytes, activations, 2 * 4 * logits, trained)
-
-
-def plan_table(estimates: Mapping[str, MemoryEstimate]) -> str:
-    """One row per policy, GB per component, the way ``adaptopt plan`` prints it."""
-    lines = ["| policy | weights | gradients | optimizer | activations | logits | total (GB) | trained |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, estimate in estimates.items():
-        r = estimate.row()
-        lines.append(f"| {name} | {r['weights']:.3g} | {r['gradients']:.3g} | {r['optimizer']:.3g} | "
-                     f"{r['activations']:.3g} | {r['logits']:.3g} | **{r['total']:.3g}** | "
-                     f"{estimate.trained_elements / 1e6:.3g}M |")
-    return "\n".join(lines)
+def traced_activations(model: nn.Module, layers: Mapping[str, LoRALinear], batch_size: int, seq_len: int,
+                       rules: TrainRules) -> int:
+    """Activations and logits of one step with every target layer in LoRA and what ``rules`` admit
+    training (what a layer in LoRA saves for backward bounds what it saves FULL or frozen), traced
+    on a meta copy."""
+    twin = meta_copy(model)
+    twin_layers = {name: twin.get_submodule(name) for name in layers}
+    layouts = layouts_for(layers, {n: (Mode.LORA, m.rank) for n, m in layers.items()})
+    for name, layout in layouts.items():
+        twin_layers[name].adopt_layout(layout)
+    params = dict(twin.named_parameters())
+    train_exactly(twin, [params[n] for n in plan_trainable(twin, twin_layers, rules, layouts)])
+    activations, logits = saved_activation_bytes(twin, batch_size, seq_len, torch.device("meta"))
+    return activations + 2 * 4 * logits

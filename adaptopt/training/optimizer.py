@@ -33,6 +33,7 @@ from ..policies.base import check_positive_int
 from ..surgery.inject import DEFAULT_ALPHA, DEFAULT_RANK, Targets, find_adapters, inject_with_undo, warn_if_rewrapped
 from ..surgery.swap import RestorePoint
 from .arguments import TASK_HEADS, check_arguments, refuse_deepspeed
+from .budget import resolve_budget, within_budget
 from .distributed import (
     ReplicatedGradients,
     active_group,
@@ -84,6 +85,11 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             ``bias="all"`` trains every bias, ``"lora_only"`` the adapted layers'; ``modules_to_save``
             modules train fully (added to ``trainable``); ``task_type`` is checked against the model's
             class (:func:`adaptopt.peft_arguments.peft_trainable`).
+        memory_budget: a limit on training memory — bytes (``"24GB"``), a multiple of LoRA's
+            (``"1.3x"``) or ``"lora+25%"`` — or a :class:`~adaptopt.MemoryBudget` naming the step
+            whose activations count. Hybrid, AutoMode, LISA and BAdam spend it on FULL blocks in order
+            of importance; no policy exceeds it; below LoRA's cost it is refused
+            (:mod:`adaptopt.training.budget`, docs/optimizer.md). ``opt.memory_budget`` holds the figures.
         **adamw_kwargs: passed to ``torch.optim.AdamW`` (``betas``, ``eps``, ``weight_decay``,
             ``foreach`` defaults to True, ...).
 
@@ -100,7 +106,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                  trainable: Iterable[str] = TASK_HEADS, frozen: Iterable[str] = (),
                  steps_per_epoch: int | None = None, total_steps: int | None = None, nonfinite: str = "skip",
                  process_group: Any = None, bias: str = "none", modules_to_save: Iterable[str] | None = None,
-                 task_type: str | None = None, **adamw_kwargs: Any) -> None:
+                 task_type: str | None = None, memory_budget: Any = None, **adamw_kwargs: Any) -> None:
         own = [n for n in inspect.signature(AdaptiveOptimizer.__init__).parameters if n not in ("self", "adamw_kwargs")]
         lora_lr, self.lora_plus_ratio = check_arguments(lr, lora_lr, lora_plus_ratio, nonfinite, steps_per_epoch,
                                                         total_steps, adamw_kwargs, own)
@@ -124,9 +130,13 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                     model, targets, DEFAULT_RANK if rank is None else rank, DEFAULT_ALPHA if alpha is None else alpha,
                     dropout=dropout, rslora=rslora, quantize=quantize if quantize is not None else self.policy.quantize,
                     init=init)
-            extra = self.policy.trainable_extra() + peft_trainable(model, list(self.layers), bias, modules_to_save)
-            self._build(float(lr), float(lora_lr), TrainRules(bool(train_other), tuple(trainable) + tuple(extra),
-                        tuple(frozen)), steps_per_epoch, nonfinite, process_group, adamw_kwargs)
+            user = tuple(trainable) + tuple(peft_trainable(model, list(self.layers), bias, modules_to_save))
+            rules = TrainRules(bool(train_other), user + tuple(self.policy.trainable_extra()), tuple(frozen))
+            self.policy.memory_budget, self.memory_budget = None, None
+            if memory_budget is not None:
+                self.policy.memory_budget, self.memory_budget = resolve_budget(
+                    memory_budget, model, self.layers, rules, TrainRules(bool(train_other), user, tuple(frozen)))
+            self._build(float(lr), float(lora_lr), rules, steps_per_epoch, nonfinite, process_group, adamw_kwargs)
         except BaseException:
             if swap is not None:
                 swap.undo()  # a failed constructor leaves the model exactly as it was
@@ -327,7 +337,12 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
 
     def _apply(self, decisions: Mapping[str, LayerDecision], reason: str) -> None:
         """Carry decisions out (:func:`~adaptopt.training.transitions.apply_decisions`), log them, and
-        make the trained set follow (:func:`~adaptopt.training.transitions.reconcile`)."""
+        make the trained set follow (:func:`~adaptopt.training.transitions.reconcile`). Under a memory
+        budget, an initial or manual assignment above it is refused, a decision is cut to fit
+        (:func:`~adaptopt.training.budget.within_budget`)."""
+        if self.policy.memory_budget is not None:
+            decisions = within_budget(self.policy.memory_budget, self.views(), decisions, self.policy.method,
+                                      initial=reason != "decision")
         records = apply_decisions(self.layers, decisions, self.lr_scales)
         for record in records:
             self.history.append({"step": self.step_count, "layer": record["layer"], "reason": reason,

@@ -1,0 +1,127 @@
+r"""How much memory a fine-tune needs, per policy, before renting the GPU (docs/optimizer.md).
+
+:func:`estimate_memory` builds nothing real: the model may live on the ``meta`` device (an 8B
+config costs no memory). For a policy it takes the assignment where the policy trains the most
+(:meth:`Policy.peak_assignment` — Hybrid's FULL blocks, LISA's sampled ones, ...) and adds up
+
+.. math::  M = W + G + O + A + L
+
+- ``W``: every weight at its storage dtype (a 4-bit base: half a byte per element plus its block
+  constants, 4 bytes per ``blocksize``);
+- ``G``: one gradient per trained element, in the parameter's dtype;
+- ``O``: AdamW's two moments per trained element, in the parameter's dtype (as ``torch.optim.AdamW``
+  keeps them);
+- ``A``: the activations autograd saves for backward, *traced*: one forward of the adapted model on
+  ``(batch, seq)`` meta inputs under ``saved_tensors_hooks`` counts the bytes of every tensor saved
+  (each tensor once), so a frozen prefix, LoRA's fused node (it keeps ``x`` and ``x·Aᵀ``) and
+  gradient checkpointing are all seen as they are (attention is traced eagerly: transformers' SDPA
+  mask helpers read values, which meta tensors have not — so the attention weights count, as they do
+  on CPU, where flash attention would not keep them);
+- ``L``: the output logits and their gradient, ``2·batch·seq·vocab`` floats, the transient peak of
+  the loss.
+
+Each term is counted by :mod:`adaptopt.training.memory`. What it leaves out is stated, not guessed:
+the allocator's fragmentation, a CUDA context, the Python process itself (a CPU run's resident
+memory adds torch's and transformers' own ~0.3–0.6 GB), and autocast's 16-bit activations. Its
+accuracy against measured peaks: docs/performance.md ("The memory estimate against measured peaks").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..layers.quant_config import QuantConfig
+from ..layers.trainable_flags import train_exactly
+from ..policies import build_policy
+from ..surgery.inject import DEFAULT_ALPHA, DEFAULT_RANK, inject_adapters
+from .arguments import TASK_HEADS
+from .budget import MemoryBudget, resolve_budget
+from .memory import layouts_for, meta_copy, saved_activation_bytes, state_bytes, traced_activations
+from .policy_inputs import layer_views
+from .transitions import TrainRules, plan_trainable
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per component (see the module docstring) and their total."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    trained_elements: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+    def row(self) -> dict[str, float]:
+        """The components in GB, as the plan table prints them."""
+        gb = 1e9
+        return {"weights": self.weights / gb, "gradients": self.gradients / gb, "optimizer": self.optimizer / gb,
+                "activations": self.activations / gb, "logits": self.logits / gb, "total": self.total / gb}
+
+
+def estimate_memory(model: nn.Module, policy: Any = "hybrid", batch_size: int = 8, seq_len: int = 512, *,
+                    dtype: torch.dtype | None = None, rank: int = DEFAULT_RANK, alpha: float = DEFAULT_ALPHA,
+                    targets: Any = "auto", quantize: Any = None, gradient_checkpointing: bool = False,
+                    trainable: tuple[str, ...] = TASK_HEADS, memory_budget: Any = None) -> MemoryEstimate:
+    """The peak training memory of ``model`` under ``policy`` (bytes, by component; the module
+    docstring has the formula), with its weights in ``dtype`` (default: as they are). ``model`` is
+    copied to the ``meta`` device first (nothing is allocated; build big models there:
+    ``with torch.device("meta"): AutoModelForCausalLM.from_config(config)``). Gradients and AdamW's
+    moments take the parameters' dtype, as ``torch.optim.AdamW`` keeps them. With ``memory_budget``
+    (as ``AdaptiveOptimizer`` takes it; without its own step, the activations of this
+    ``batch_size × seq_len`` count against it) a policy that spends budgets plans within it. Not
+    yet modelled: autocast's 16-bit activations over 32-bit weights, fp32 master copies."""
+    for label, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{label} must be a positive int, got {value!r}")
+    policy = build_policy(policy)
+    meta = meta_copy(model)
+    if dtype is not None:
+        meta = meta.to(dtype)
+    if gradient_checkpointing and callable(getattr(meta, "gradient_checkpointing_enable", None)):
+        meta.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = inject_adapters(meta, targets, rank, alpha, mode="frozen")  # 4-bit bases are counted, not built
+    quant = quantize if quantize is not None else policy.quantize
+    four_bit = 0
+    if quant is not None:  # NF4/FP4: half a byte per element and an fp32 constant per block
+        blocksize = QuantConfig.coerce(quant).blocksize
+        for layer in layers.values():
+            w = layer.base.weight
+            four_bit += w.numel() // 2 + 4 * (w.numel() // blocksize) - w.numel() * w.element_size()
+    user_rules = TrainRules(False, tuple(trainable), ())
+    rules = TrainRules(policy.method == "full", tuple(trainable) + tuple(policy.trainable_extra()), ())
+    if memory_budget is not None:
+        spec = MemoryBudget.coerce(memory_budget)  # its activations: its own step's, else this estimate's
+        step = (spec.batch_size, spec.seq_len) if spec.batch_size is not None else (batch_size, seq_len)
+        policy.memory_budget, _ = resolve_budget(spec, meta, layers, rules, user_rules,
+                                          traced_activations(meta, layers, *step, user_rules) + four_bit)
+    decisions = policy.peak_assignment(layer_views(layers, dict.fromkeys(layers, 1.0)))
+    layouts = layouts_for(layers, {name: (d.mode, d.rank or rank) for name, d in decisions.items()})
+    layouts = {name: layouts.get(name, m.layout()) for name, m in layers.items()}
+    for name, layer in layers.items():
+        layer.adopt_layout(layouts[name])
+    plan = plan_trainable(meta, layers, rules, layouts)
+    params = dict(meta.named_parameters())
+    train_exactly(meta, [params[n] for n in plan])
+    weights, grad_bytes, trained = state_bytes(meta, layers, rules, layouts)
+    activations, logits = saved_activation_bytes(meta, batch_size, seq_len, torch.device("meta"))
+    return MemoryEstimate(weights + four_bit, grad_bytes, 2 * grad_bytes, activations, 2 * 4 * logits, trained)
+
+
+def plan_table(estimates: Mapping[str, MemoryEstimate]) -> str:
+    """One row per policy, GB per component, the way ``adaptopt plan`` prints it."""
+    lines = ["| policy | weights | gradients | optimizer | activations | logits | total (GB) | trained |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, estimate in estimates.items():
+        r = estimate.row()
+        lines.append(f"| {name} | {r['weights']:.3g} | {r['gradients']:.3g} | {r['optimizer']:.3g} | "
+                     f"{r['activations']:.3g} | {r['logits']:.3g} | **{r['total']:.3g}** | "
+                     f"{estimate.trained_elements / 1e6:.3g}M |")
+    return "\n".join(lines)
