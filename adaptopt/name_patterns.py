@@ -22,6 +22,11 @@ from typing import Callable, Iterable, Pattern, Union
 
 NamePattern = Union[str, Pattern[str]]
 
+# the input embeddings and the output layer, under the names common architectures give them (BERT,
+# Llama, GPT-2, ...): what LISA trains throughout, and AdaptiveOptimizer(train_embeddings=) switches
+EMBEDDINGS = ("embed_tokens", "word_embeddings", "wte", "wpe", "position_embeddings", "token_type_embeddings",
+              "embeddings", "lm_head")
+
 
 @lru_cache(maxsize=1024)
 def _compiled(pattern: str) -> Pattern[str]:

@@ -2,7 +2,8 @@
 # One command on a GPU machine: do the CUDA paths work, and what do they cost?
 # Sets up .venv (torch==2.13.0 from PyPI is its CUDA build there), runs exactly the tests marked
 # `gpu` (fused nodes in bf16/fp16, autocast, bitsandbytes' CUDA 4-bit kernels, DDP over NCCL when
-# two GPUs exist), then the GPU step-time benchmark, which prints LoRA/full and QLoRA/LoRA ratios.
+# two GPUs exist), then the GPU step-time benchmark, which prints LoRA/full and QLoRA/LoRA ratios, and
+# the memory estimate against measured CUDA peaks (estimate / measured per policy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -13,3 +14,6 @@ if ! .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_availab
 fi
 .venv/bin/python -m pytest -m gpu -v -rs tests/test_gpu.py
 .venv/bin/python tests/benchmarks/gpu_step_time.py
+# the memory estimate against torch.cuda.max_memory_allocated, every policy in a fresh process (bf16 weights)
+.venv/bin/python tests/benchmarks/memory_estimate.py --device cuda --dtype bfloat16 --out results/memory_estimate_cuda
+.venv/bin/python tests/benchmarks/memory_estimate.py --device cuda --autocast bfloat16 --out results/memory_estimate_cuda_amp

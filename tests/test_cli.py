@@ -194,3 +194,12 @@ def test_plan_prints_peak_memory_per_policy_from_the_config(tiny, capsys):
     totals = {r.split("|")[1].strip(): float(r.split("**")[1]) for r in rows}
     assert totals["full"] >= totals["hybrid"] >= totals["lora"] > 0
     assert main(["plan", str(tiny["model"]), "--dtype", "int8"]) == 2  # refused by name
+    assert main(["plan", str(tiny["model"]), "--autocast", "int8"]) == 2
+    assert main(["plan", str(tiny["model"]), "--seq-len", "100"]) == 2  # beyond its 64 positions
+    assert "reads at most 64 positions" in capsys.readouterr().err
+    assert main(["plan", str(tiny["model"]), "--seq-len", "8", "--budget", "0.5x"]) == 2  # below LoRA
+    assert "below what LoRA needs" in capsys.readouterr().err
+    assert main(["plan", str(tiny["model"]), "--policies", "lora,hybrid", "--batch-size", "2", "--seq-len", "8",
+                 "--rank", "2", "--budget", "lora+10%", "--autocast", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "memory budget lora+10%, autocast to bfloat16" in out

@@ -15,7 +15,7 @@ from adaptopt import LISA, AdaptiveOptimizer, AutoMode, BAdam, Hybrid, LoRALinea
 from adaptopt.policies.base import Budget, LayerDecision, LayerView, Policy
 from adaptopt.training.arguments import TASK_HEADS
 from adaptopt.training.budget import parse_limit
-from adaptopt.training.memory import traced_activations
+from adaptopt.training.memory import peak_bytes, state_bytes, traced_activations
 from adaptopt.training.transitions import TrainRules
 from tests.tiny_models import tiny_llama, token_batch
 
@@ -122,8 +122,9 @@ def test_unreadable_limits_are_refused_naming_the_forms(bad):
 
 
 def test_the_planned_cost_is_the_bytes_a_real_step_holds():
-    """Weights + gradients + AdamW's moments of a real run after a step, summed from the tensors, equal
-    the budget's cost of that assignment (no activations named: the model's states only)."""
+    """The weights and gradients the budget counts from shapes alone equal those a real run holds after
+    a step, summed from the tensors, and AdamW's state is two moments per gradient; the cost is the
+    peak formula over them (no activations named: the model's states only)."""
     torch.manual_seed(0)
     model = tiny_llama(layers=4).train()
     opt = AdaptiveOptimizer(model, lr=1e-3, policy=Hybrid(calibration_steps=1, freeze_prefix=0), rank=4,
@@ -133,10 +134,14 @@ def test_the_planned_cost_is_the_bytes_a_real_step_holds():
         model(input_ids=tokens, labels=tokens).loss.backward()
         opt.step()
     assert {m.mode for m in opt.layers.values()} == {Mode.FULL, Mode.LORA}
-    held = sum(p.numel() * p.element_size() for p in model.parameters())
-    held += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    held += sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
-    assert held == opt.policy.memory_budget.cost_of(opt.views(), {}) <= opt.memory_budget.limit
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    moments = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
+    planned = state_bytes(model, opt.layers, opt.rules, {n: m.layout() for n, m in opt.layers.items()})
+    largest = max(sum(p.numel() * p.element_size() for p in g["params"]) for g in opt.param_groups)
+    assert planned == (weights, grads, largest, opt.trainable_parameter_count()) and moments == 2 * grads
+    assert opt.policy.memory_budget.cost_of(opt.views(), {}) == peak_bytes(weights, grads, 0, largest)
+    assert peak_bytes(weights, grads, 0, largest) <= opt.memory_budget.limit
 
 
 def test_a_budget_below_loras_is_refused_with_the_numbers_and_the_model_is_unchanged():
@@ -182,8 +187,8 @@ def test_a_policy_that_does_not_spend_budgets_is_cut_to_fit_with_a_warning():
 
 
 def test_activations_count_when_the_budget_names_its_step():
-    """A limit ``L`` on the model's states, against ``L + A − gap/2`` for a step whose activations are
-    ``A``: the second leaves less for the states, so fewer FULL layers."""
+    """The same limit in bytes buys more FULL layers when it covers the model's states only than when
+    the activations of a named step count against it too."""
     def full_layers(budget):
         torch.manual_seed(0)
         model = tiny_llama(layers=4).train()
@@ -194,11 +199,10 @@ def test_activations_count_when_the_budget_names_its_step():
         opt.step()
         return opt, sum(m.mode is Mode.FULL for m in opt.layers.values())
 
-    opt, n_states = full_layers("lora+80%")
-    states = opt.memory_budget
-    activations = traced_activations(opt.model, opt.layers, 1, 4, TrainRules(False, TASK_HEADS, ()))
-    assert states.activations == 0 < activations
-    step_limit = states.limit + activations - (states.full - states.lora) // 2
-    opt, n_step = full_layers(MemoryBudget(step_limit, 1, 4))
-    assert opt.memory_budget.activations == activations and opt.memory_budget.limit == step_limit
+    with_step, n_step = full_layers(MemoryBudget("lora+30%", 8, 64))
+    activations = traced_activations(with_step.model, with_step.layers, 8, 64, TrainRules(False, TASK_HEADS, ()))
+    assert with_step.memory_budget.activations == activations > 0
+    states_only, n_states = full_layers(with_step.memory_budget.limit)
+    assert states_only.memory_budget.activations == 0
+    assert states_only.memory_budget.limit == with_step.memory_budget.limit
     assert n_states > n_step

@@ -60,3 +60,22 @@ def test_an_8b_config_plans_in_seconds_without_allocating_it():
     assert 7.9e9 < full.trained_elements < 8.1e9 and 15.5e9 < full.weights < 16.5e9  # 8.03B bf16 parameters
     assert full.gradients == 2 * full.trained_elements and lora.trained_elements < 0.01 * full.trained_elements
     assert "| full |" in plan_table(table)
+
+
+@pytest.mark.parametrize("policy", ["lora", "full"])
+def test_an_autocast_step_is_estimated_near_what_autocast_saves(policy):
+    """Activations under ``autocast=bfloat16`` (traced in bf16, plus the cast copies of the multiplied
+    matrices) against the same forward run under ``torch.autocast`` on real CPU tensors: within 15%
+    here (autocast keeps norms and the softmax in float32, which the bf16 trace does not see); and
+    below the float32 estimate, with the weights and optimizer states unchanged."""
+    torch.manual_seed(0)
+    model = tiny_llama(layers=3)
+    model.config._attn_implementation = "eager"
+    amp = estimate_memory(model, policy, 4, 64, rank=4, autocast=torch.bfloat16)
+    fp32 = estimate_memory(model, policy, 4, 64, rank=4)
+    AdaptiveOptimizer(model, lr=1e-3, policy=policy, rank=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        real, _ = saved_activation_bytes(model, 4, 64, torch.device("cpu"))
+    assert abs(amp.activations - real) <= 0.15 * real
+    assert amp.activations < fp32.activations
+    assert (amp.weights, amp.gradients, amp.optimizer) == (fp32.weights, fp32.gradients, fp32.optimizer)

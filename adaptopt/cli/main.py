@@ -201,6 +201,33 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suite(args: argparse.Namespace) -> int:
+    from .suite import load_suite, run_suite, saved_rows, write_suite
+    shipped = CONFIGS / "suites" / f"{args.config}.yaml"
+    suite = load_suite(shipped if shipped.is_file() else config_path(args.config), args.output_dir)
+    if args.seeds:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        for task in suite["tasks"]:
+            task["seeds"] = seeds
+    if args.choose and args.split != "validation":
+        raise ConfigError("suite: --choose selects the default on validation data only; add --split validation")
+    only = args.tasks.split(",") if args.tasks else None
+    unknown = sorted(set(only or ()) - {t["name"] for t in suite["tasks"]})
+    if unknown:
+        raise ConfigError(f"suite: --tasks {unknown}: not tasks of {suite['source']} "
+                          f"({[t['name'] for t in suite['tasks']]})")
+    if not args.report_only:
+        for task in suite["tasks"]:
+            if not only or task["name"] in only:
+                _validate(task, task["methods"], task["seeds"][0], args.split)
+        run_suite(suite, args.split, only=only)
+        if only and set(only) != {t["name"] for t in suite["tasks"]}:
+            print(f"\nran {only}; `adaptopt suite {args.config} --split {args.split} --report-only` reports every task")
+            return 0
+    write_suite(saved_rows(suite, args.split), suite, args.split, args.choose)
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """Peak training memory per policy, from the model's config alone (built on the meta device)."""
     import torch
@@ -215,6 +242,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(f"plan: --dtype {args.dtype!r}: expected float32, bfloat16 or float16")
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and args.seq_len > limit:
+        raise ConfigError(f"plan: --seq-len {args.seq_len}, but this model reads at most {limit} positions")
+    autocast = getattr(torch, args.autocast, None) if args.autocast else None
+    if args.autocast and autocast not in (torch.bfloat16, torch.float16):
+        raise ConfigError(f"plan: --autocast {args.autocast!r}: expected bfloat16 or float16")
     classes = [a for a in getattr(config, "architectures", None) or [] if a.endswith("ForSequenceClassification")]
     auto = AutoModelForSequenceClassification if classes else AutoModelForCausalLM
     with torch.device("meta"):
@@ -224,12 +257,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         try:
             estimates[name] = estimate_memory(model, name, args.batch_size, args.seq_len, dtype=dtype, rank=args.rank,
                                               gradient_checkpointing=args.gradient_checkpointing,
-                                              memory_budget=args.budget)
+                                              memory_budget=args.budget, autocast=autocast)
         except ValueError as err:
             raise ConfigError(f"plan: policy {name!r}: {err}") from None
     print(f"{args.model}: batch {args.batch_size} × {args.seq_len} tokens, weights in {args.dtype}, LoRA rank "
           f"{args.rank}{', gradient checkpointing' if args.gradient_checkpointing else ''}"
-          f"{f', memory budget {args.budget}' if args.budget else ''} (GB; the process itself, "
+          f"{f', memory budget {args.budget}' if args.budget else ''}"
+          f"{f', autocast to {args.autocast}' if args.autocast else ''} (GB; the process itself, "
           "a CUDA context and allocator slack come on top)")
     print(plan_table(estimates))
     return 0
@@ -269,6 +303,18 @@ def parser() -> argparse.ArgumentParser:
     scan.add_argument("--mode", choices=("mp", "compat"), default="mp")
     scan.add_argument("--output-dir")
     scan.set_defaults(run=cmd_scan)
+    suite = sub.add_parser("suite", help="methods × tasks × paired seeds: the suite table, Pareto plots, the "
+                           "default chosen on validation")
+    suite.add_argument("config", help="a suite file (or 'suite' / 'suite_quick', the shipped ones)")
+    suite.add_argument("--split", choices=("test", "validation"), default="test")
+    suite.add_argument("--seeds", help="comma-separated seeds (default: the file's)")
+    suite.add_argument("--choose", action="store_true", help="choose the default among the file's candidates "
+                       "(needs --split validation)")
+    suite.add_argument("--tasks", help="comma-separated task names: run only these (a suite in parts)")
+    suite.add_argument("--report-only", action="store_true", help="report the saved results of every task, "
+                       "running nothing")
+    suite.add_argument("--output-dir")
+    suite.set_defaults(run=cmd_suite)
     plan = sub.add_parser("plan", help="peak training memory per policy, estimated from the model's config")
     plan.add_argument("model", help="registry name (minilm, smollm2-135m) or a folder with config.json")
     plan.add_argument("--policies", default="full,lora,qlora,hybrid,automode,lisa,badam")
@@ -277,6 +323,8 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default="float32")
     plan.add_argument("--rank", type=int, default=16)
     plan.add_argument("--gradient-checkpointing", action="store_true")
+    plan.add_argument("--autocast", default=None, help="bfloat16 or float16: a mixed-precision step (weights, "
+                      "gradients and moments in --dtype, activations in this)")
     plan.add_argument("--budget", default=None, help="a memory budget ('24GB', '1.3x', 'lora+25%%'): policies that "
                       "spend one (hybrid, automode, lisa, badam) plan within it")
     plan.set_defaults(run=cmd_plan)

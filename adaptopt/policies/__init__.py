@@ -7,7 +7,8 @@ policy                    what it does                                          
 ``QLoRA(r)``              LoRA r over a 4-bit (NF4) base                               framework
 ``Frozen``, ``Fixed``     all frozen / a hand-written assignment                       —
 ``BitFit``                weights frozen, biases and head train                        AutoMode
-``TopK(k)``               last k blocks FULL, the rest frozen                          AutoMode
+``TopK(k, rest)``         last k blocks FULL, the rest frozen (or LoRA)                AutoMode
+``Scheduled(plan)``       assignments fixed by step (an adaptive policy's static twin) —
 ``AutoMode(u, t)``        u×/epoch: top t % by gradient importance FULL, rest LoRA;    AutoMode
                           optionally a growing frozen prefix (progressive freezing)
 ``Hybrid(t)``             score a short window, then top t % FULL, rest LoRA, fixed    Hybrid-LoRA
@@ -43,11 +44,11 @@ from .layerwise_lr import LayerwiseLR
 from .rank_allocation import STRATEGIES, RankAllocation, allocate_ranks
 from .sampled_blocks import LISA, BAdam
 from .spectrum import ALoRS, Spectrum
-from .static import BitFit, Fixed, Frozen, Full, LoRA, QLoRA, TopK
+from .static import BitFit, Fixed, Frozen, Full, LoRA, QLoRA, Scheduled, TopK
 
 __all__ = [
     "ALoRS", "AutoMode", "BAdam", "BitFit", "DEFAULT_POLICY", "LISA", "Fixed", "Frozen", "Full", "Hybrid",
     "LayerDecision", "LayerView", "LayerwiseLR", "LoRA", "POLICIES", "Policy", "QLoRA", "RankAllocation", "STRATEGIES",
-    "Scores", "Spectrum", "TopK", "allocate_ranks", "build_policy", "name_matcher", "name_matches", "percent_count",
-    "register_policy",
+    "Scheduled", "Scores", "Spectrum", "TopK", "allocate_ranks", "build_policy", "name_matcher", "name_matches",
+    "percent_count", "register_policy",
 ]

@@ -29,6 +29,7 @@ import random
 from typing import Mapping
 
 from ..modes import Mode
+from ..name_patterns import EMBEDDINGS
 from ..scores.gradient import unit_importance, units
 from .base import (
     LayerDecision,
@@ -41,8 +42,6 @@ from .base import (
     size_scores,
 )
 
-EMBEDDINGS = ("embed_tokens", "word_embeddings", "wte", "wpe", "position_embeddings", "token_type_embeddings",
-              "embeddings", "lm_head")
 ORDERS = ("descending", "ascending", "random")
 
 

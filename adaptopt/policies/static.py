@@ -1,7 +1,8 @@
 """Static policies: one assignment at the start, no decisions, no statistics.
 
 The baselines (docs/design.md §7): ``Full``, ``LoRA(r)``, ``QLoRA(r)`` (the methods framework),
-``BitFit`` and ``TopK(k)`` (AutoMode's baselines), plus ``Frozen`` and a hand-written ``Fixed`` assignment.
+``BitFit`` and ``TopK(k)`` (AutoMode's baselines), plus ``Frozen``, a hand-written ``Fixed`` assignment
+and a ``Scheduled`` plan of assignments by step (a policy's static twin).
 """
 from __future__ import annotations
 
@@ -80,12 +81,17 @@ class BitFit(Frozen):
 
 @register_policy
 class TopK(Policy):
-    """The last ``k`` transformer blocks FULL (all their parameters), everything else frozen."""
+    """The last ``k`` transformer blocks FULL (all their parameters), every other block ``rest``:
+    frozen (AutoMode's baseline, the default) or LoRA (``rest="lora"``: LoRA with the top ``k``
+    blocks trained fully)."""
 
     method = "topk"
 
-    def __init__(self, k: int = 1) -> None:
+    def __init__(self, k: int = 1, rest: str = "frozen") -> None:
         self.k = check_positive_int("k", k)
+        if rest not in ("frozen", "lora"):
+            raise ValueError(f"rest must be 'frozen' or 'lora', got {rest!r}")
+        self.rest = rest
 
     def initial(self, layers: Mapping[str, LayerView], scores: Scores) -> dict[str, LayerDecision]:
         blocks = sorted({v.block_index for v in layers.values() if v.block_index is not None})
@@ -93,8 +99,50 @@ class TopK(Policy):
             raise ValueError("TopK needs target layers inside numbered blocks (e.g. 'encoder.layer.3.…'); "
                              "this model's targets have no block index")
         top = set(blocks[-self.k:])
-        return {name: LayerDecision(Mode.FULL if v.block_index in top else Mode.FROZEN)
+        return {name: LayerDecision(Mode.FULL if v.block_index in top else Mode.coerce(self.rest))
                 for name, v in layers.items()}
+
+
+@register_policy
+class Scheduled(Policy):
+    """A fixed plan of assignments by step: ``{0: {layer: mode, ...}, 120: {layer: "frozen"}}``,
+    exact layer names; step 0 is the initial assignment, a later step ``s`` applies after ``s``
+    completed optimizer steps. What a policy's *static twin* runs: the assignment an adaptive run
+    reached, from step 0, with the same late freezes (``adaptopt suite``, docs/cli.md)."""
+
+    method = "scheduled"
+
+    def __init__(self, plan: Mapping[Any, Mapping[str, Any]] | None = None) -> None:
+        plan = plan or {}
+        self.plan: dict[int, dict[str, Mode]] = {}
+        for step, assignment in plan.items():
+            try:
+                at = int(step)
+            except (TypeError, ValueError):
+                raise ValueError(f"Scheduled: plan steps are optimizer steps (ints ≥ 0), got {step!r}") from None
+            if at < 0 or not isinstance(assignment, Mapping):
+                raise ValueError(f"Scheduled: plan[{step!r}] must map layer names to modes, at a step ≥ 0")
+            self.plan[at] = {str(name): Mode.coerce(mode) for name, mode in assignment.items()}
+
+    def _decisions(self, layers: Mapping[str, LayerView], step: int) -> dict[str, LayerDecision]:
+        unknown = sorted(set(self.plan.get(step, {})) - set(layers))
+        if unknown:
+            raise ValueError(f"Scheduled: plan[{step}] names layers this model does not have: {unknown[:5]}")
+        return {name: LayerDecision(mode) for name, mode in self.plan.get(step, {}).items()}
+
+    def initial(self, layers: Mapping[str, LayerView], scores: Scores) -> dict[str, LayerDecision]:
+        return self._decisions(layers, 0)
+
+    def is_decision_step(self, step: int, steps_per_epoch: int | None) -> bool:
+        return step > 0 and step in self.plan
+
+    def decide(self, layers: Mapping[str, LayerView], scores: Scores, step: int,
+               steps_per_epoch: int | None) -> dict[str, LayerDecision]:
+        return self._decisions(layers, step)
+
+    def config(self) -> dict[str, Any]:
+        return {"method": self.method,
+                "plan": {str(step): {n: m.value for n, m in a.items()} for step, a in sorted(self.plan.items())}}
 
 
 @register_policy

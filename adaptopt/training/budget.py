@@ -4,11 +4,13 @@ r"""Memory budgets: how much a run may spend, what an assignment costs, and keep
 An assignment — every target layer's ``(mode, rank)`` — costs what :mod:`adaptopt.training.memory`
 estimates for it, from shapes alone:
 
-.. math::  C = W + 3·G + A
+.. math::  C = W + 2·G + \max(A,\ G + g)
 
-``W`` every tensor's storage, ``G`` the gradients of what trains (AdamW's two moments are ``2·G``),
-``A`` the activations and logits of one step (traced for ``batch_size × seq_len`` when the budget
-names them, else 0: the budget then covers the model's states only). The two reference points are
+(:func:`~adaptopt.training.memory.peak_bytes`): ``W`` every tensor's storage, ``G`` the gradients
+of what trains (AdamW's two moments are ``2·G``), ``g`` the temporaries at the end of backward
+(AdamW's, for the largest optimizer group; a tied weight's second gradient), ``A`` the
+activations and logits of one step (traced for ``batch_size × seq_len`` when the budget names
+them, else 0: the budget then covers the model's states only). The two reference points are
 **LoRA** (every target layer LoRA at its rank, the optimizer's trainable heads) and **Full**
 (every parameter trains). A limit is written as
 
@@ -33,7 +35,7 @@ from torch import nn
 from ..layers.lora import LoRALinear
 from ..modes import Mode
 from ..policies.base import Budget, LayerDecision, LayerView
-from .memory import layouts_for, state_bytes, traced_activations
+from .memory import layouts_for, peak_bytes, state_bytes, traced_activations
 from .transitions import TrainRules
 
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -99,32 +101,36 @@ class ResolvedBudget:
                 f"LoRA + {100 * share:.0f}% of the gap)")
 
 
-def assignment_cost(model: nn.Module, layers: Mapping[str, LoRALinear], rules: TrainRules,
-                    overhead: int) -> Callable[[Mapping[str, tuple[Mode, int]]], int]:
-    """``modes → C`` (the module docstring), ``overhead`` = ``A`` plus anything else fixed."""
+def assignment_cost(model: nn.Module, layers: Mapping[str, LoRALinear], rules: TrainRules, activations: int,
+                    weight_offset: int = 0) -> Callable[[Mapping[str, tuple[Mode, int]]], int]:
+    """``modes → C`` (the module docstring); ``weight_offset`` corrects ``W`` (the estimator's 4-bit
+    bases, built plain on the meta device)."""
     def cost(modes: Mapping[str, tuple[Mode, int]]) -> int:
-        weights, grads, _ = state_bytes(model, layers, rules, layouts_for(layers, modes))
-        return weights + 3 * grads + overhead
+        states = state_bytes(model, layers, rules, layouts_for(layers, modes))
+        return peak_bytes(states.weights + weight_offset, states.gradients, activations, states.transient)
     return cost
 
 
 def resolve_budget(spec: Any, model: nn.Module, layers: Mapping[str, LoRALinear], rules: TrainRules,
-                   base_rules: TrainRules, overhead: int | None = None) -> tuple[Budget, ResolvedBudget]:
+                   base_rules: TrainRules, activations: int | None = None, weight_offset: int = 0
+                   ) -> tuple[Budget, ResolvedBudget]:
     """The policy's :class:`~adaptopt.policies.base.Budget` and the figures behind it. ``rules``
     are the run's (with the policy's extra trainables), ``base_rules`` the user's (LoRA's
-    reference); ``overhead`` overrides the traced activations (the estimator traces its own).
+    reference); ``activations`` overrides the traced ones, ``weight_offset`` corrects ``W``
+    (:func:`assignment_cost`; the estimator passes both).
     Raises ``ValueError`` for a limit below LoRA's cost, naming both."""
     budget = MemoryBudget.coerce(spec)
-    if overhead is None:
-        overhead = (traced_activations(model, layers, budget.batch_size, budget.seq_len, base_rules)
+    if activations is None:
+        activations = (traced_activations(model, layers, budget.batch_size, budget.seq_len, base_rules)
                     if budget.batch_size is not None else 0)
-    cost = assignment_cost(model, layers, rules, overhead)
-    lora = assignment_cost(model, layers, base_rules, overhead)({n: (Mode.LORA, m.rank) for n, m in layers.items()})
-    full = assignment_cost(model, layers, TrainRules(True, (), ()), overhead)(
+    cost = assignment_cost(model, layers, rules, activations, weight_offset)
+    lora = assignment_cost(model, layers, base_rules, activations, weight_offset)(
+        {n: (Mode.LORA, m.rank) for n, m in layers.items()})
+    full = assignment_cost(model, layers, TrainRules(True, (), ()), activations, weight_offset)(
         {n: (Mode.FULL, m.rank) for n, m in layers.items()})
     kind, value = parse_limit(budget.limit)
     limit = int(value if kind == "bytes" else value * lora if kind == "times" else lora + value * (full - lora))
-    resolved = ResolvedBudget(limit, lora, full, overhead)
+    resolved = ResolvedBudget(limit, lora, full, activations)
     if limit < lora:
         what = "" if budget.batch_size is not None else " (weights, gradients and optimizer states)"
         raise ValueError(f"memory_budget {limit / 1e9:.3g} GB is below what LoRA needs for this model{what}: "

@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from typing import Any, Mapping
+from collections import Counter
+from typing import Any, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -34,19 +35,46 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def peak_bytes(weights: int, gradients: int, activations: int, transient: int) -> int:
+    r"""The peak of one training step, ``W + O + max(A, G + g)`` with ``O = 2·G`` (AdamW's moments)
+    and ``g`` the ``transient`` of :class:`StateBytes`.
+
+    Gradients and activations do not peak together: gradients are set to ``None`` before the
+    forward, so the step starts backward holding every saved activation ``A`` (with the first
+    gradients of the loss) and no gradient, and ends it holding every gradient ``G`` and no
+    activation — in between, a block's activations are freed as its gradients appear. Then AdamW
+    (``foreach``), one parameter group at a time, holds a temporary ``√v`` for the group's elements,
+    and a trained tied weight (embeddings shared with the output layer) gets its two gradients summed
+    beside one another. Measured against peak resident memory:
+    docs/performance.md ("The memory estimate against measured peaks")."""
+    return weights + 2 * gradients + max(activations, gradients + transient)
+
+
 def layouts_for(layers: Mapping[str, LoRALinear], modes: Mapping[str, tuple[Mode, int]]) -> dict[str, Layout]:
     """Each layer's layout in ``modes`` (``{name: (mode, rank)}``; factors exactly in LoRA)."""
     return {name: layers[name].layout().with_structure(mode, rank, mode is Mode.LORA)
             for name, (mode, rank) in modes.items()}
 
 
+class StateBytes(NamedTuple):
+    """What :func:`state_bytes` counts (bytes, and elements)."""
+
+    weights: int
+    gradients: int
+    # at the end of backward, beside the gradients: AdamW's temporary for the largest optimizer group,
+    # plus the second gradient of each trained tied weight (peak_bytes)
+    transient: int
+    trained: int
+
+
 def state_bytes(model: nn.Module, layers: Mapping[str, LoRALinear], rules: TrainRules,
-                layouts: Mapping[str, Layout]) -> tuple[int, int, int]:
-    """``(W, G, trained elements)`` of ``model`` with its layers in ``layouts``, computed from
-    shapes alone (nothing changes): ``W`` every tensor's storage (the layers' factors and 4-bit
-    deltas as ``layouts`` has them, at the layer's dtype), ``G`` one gradient per trained element
-    (:func:`~adaptopt.training.transitions.plan_trainable`) at its tensor's dtype. AdamW's moments
-    are ``2·G``."""
+                layouts: Mapping[str, Layout]) -> StateBytes:
+    """The model's states with its layers in ``layouts``, computed from shapes alone (nothing
+    changes): ``weights`` every tensor's storage (the layers' factors and 4-bit deltas as
+    ``layouts`` has them, at the layer's dtype), ``gradients`` one per trained element
+    (:func:`~adaptopt.training.transitions.plan_trainable`) at its tensor's dtype, and ``transient``:
+    the largest optimizer group's share of them (the optimizer keeps a group per layer and role)
+    plus the trained tied weights' bytes. AdamW's moments are ``2·gradients``."""
     variable = {id(p) for m in layers.values() for n, p in m.named_parameters() if n in VARIABLE}
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in variable)
     size_of = {}
@@ -58,23 +86,35 @@ def state_bytes(model: nn.Module, layers: Mapping[str, LoRALinear], rules: Train
                 weights += n * factor_size
                 size_of[f"{name}.{tensor}"] = factor_size
     params = dict(model.named_parameters())
-    grads = trained = 0
-    for pname, (_, shape) in plan_trainable(model, layers, rules, layouts).items():
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    trained = tied = 0
+    by_group: dict[Any, int] = {}
+    for pname, (role, shape) in plan_trainable(model, layers, rules, layouts).items():
         n = math.prod(shape)
         trained += n
-        grads += n * size_of.get(pname, params[pname].element_size() if pname in params else 4)
-    return weights, grads, trained
+        size = n * size_of.get(pname, params[pname].element_size() if pname in params else 4)
+        by_group[role] = by_group.get(role, 0) + size
+        if pname in params and uses[id(params[pname])] > 1:
+            tied += size
+    return StateBytes(weights, sum(by_group.values()), max(by_group.values(), default=0) + tied, trained)
 
 
 def saved_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, device: torch.device) -> tuple[int, int]:
-    """Bytes autograd saves in one forward, each tensor once; and the logits' element count."""
+    """Bytes autograd saves in one forward and its loss, each tensor once; and the logits' element count.
+
+    The loss is the cross-entropy of the logits upcast to float32, as transformers computes it (its
+    saved log-softmax counts). Each storage counts once (two nodes saving ``x`` and a view of it hold
+    one tensor), and parameters' storage not at all: autograd keeps a reference (a frozen linear
+    layer saves its weight for the input's gradient), not a copy."""
     seen: dict[int, int] = {}
     kept: list[torch.Tensor] = []
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in seen:
-            seen[id(t)] = t.numel() * t.element_size()
-            kept.append(t)  # keeps ids unique while tracing
+        storage = t.untyped_storage()  # views of one tensor (x and x.t() saved by two nodes) count once
+        if storage._cdata not in params and storage._cdata not in seen:
+            seen[storage._cdata] = storage.nbytes()
+            kept.append(t)  # keeps the storage alive, so its address stays unique while tracing
         return t
 
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 32
@@ -91,11 +131,14 @@ def saved_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, devi
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = model(**inputs)
+                logits = getattr(out, "logits", out)
+                if torch.is_tensor(logits) and logits.is_floating_point():
+                    flat = logits.reshape(-1, logits.shape[-1]).float()
+                    nn.functional.cross_entropy(flat, torch.zeros(flat.shape[0], dtype=torch.long, device=device))
             break
         except RuntimeError as err:
             if "meta" not in str(err) or "attention_mask" not in inputs:
                 raise
-    logits = getattr(out, "logits", out)
     return sum(seen.values()), int(logits.numel()) if torch.is_tensor(logits) else batch_size * seq_len * vocab
 
 

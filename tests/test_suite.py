@@ -1,0 +1,186 @@
+"""The task suite: splits never mix (fingerprints of every shipped dataset); the default is chosen
+without reading the test split (its labels poisoned, the choice and every validation figure stay);
+a static twin runs exactly the assignment its adaptive run reached, with the same late freezes; the
+table's share of Full's lead and the choice follow their definitions on made-up rows."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from adaptopt.cli.config import ConfigError
+from adaptopt.cli.data import REGISTRY, load_data
+from adaptopt.cli.suite import choose_default, goals, load_suite, run_suite, static_twin, suite_table, task_summary
+from tests.test_cli import tiny  # noqa: F401  (the fixture: a tiny BERT folder and a CSV)
+
+yaml = pytest.importorskip("yaml")
+
+
+def write_suite(path, tiny, data_path=None, **extra):  # noqa: F811
+    suite = {"name": "t", "seeds": [0, 1],
+             "training": {"epochs": 1, "batch_size": 8, "lr": 3e-3, "lora_lr": 1e-2, "max_length": 16,
+                          "max_steps": 8, "logging_steps": 4},
+             "tasks": [{"name": "reviews", "model": {"path": str(tiny["model"])},
+                        "data": {"path": str(data_path or tiny["data"]), "text_column": "review",
+                                 "label_column": "sentiment", "group_column": "film"}}],
+             "methods": ["full", {"method": "lora", "label": "lora", "lora": {"r": 4, "alpha": 8}},
+                         {"method": "hybrid", "label": "hybrid", "hybrid": {"calibration_steps": 2}},
+                         {"method": "automode", "label": "automode", "twin": True,  # freezes a prefix at step 6
+                          "automode": {"u": 8, "t": 25, "granularity": "module", "score_steps": 2, "freeze_from": 2,
+                                       "freeze_step": 25, "freeze_max": 25}}],
+             "default": "hybrid", "candidates": ["hybrid", "lora"], "output_dir": str(path.parent / "out"), **extra}
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+def timeline(run_dir):
+    decisions = json.loads((run_dir / "decisions.json").read_text())
+    return decisions["layers"], {s["step"]: s["modes"] for s in decisions["timeline"]}
+
+
+def test_a_static_twin_runs_the_assignment_its_policy_reached_with_the_same_late_freezes(tiny, tmp_path):  # noqa: F811
+    suite = load_suite(write_suite(tmp_path / "suite.yaml", tiny))
+    rows = run_suite(suite, "test", fresh_process=False)
+    assert {r["method"] for r in rows} == {"full", "lora", "hybrid", "automode", "automode twin"}
+    for seed in (0, 1):
+        adaptive = next(r for r in rows if r["method"] == "automode" and r["seed"] == seed)
+        twin = next(r for r in rows if r["method"] == "automode twin" and r["seed"] == seed)
+        layers, reached = timeline(Path(adaptive["run_dir"]))
+        twin_layers, ran = timeline(Path(twin["run_dir"]))
+        assert twin_layers == layers and sorted(ran) == sorted(reached)
+        steps = sorted(reached)
+        final = reached[steps[-1]]
+        late = [i for i, m in enumerate(final) if m == "frozen" and any(reached[s][i] != "frozen" for s in steps)]
+        assert late and "full" in final  # the prefix froze after training, some layers FULL: the twin repeats both
+        for i, name in enumerate(layers):
+            if i in late:
+                frozen_from = min(s for s in steps if all(reached[t][i] == "frozen" for t in steps if t >= s))
+                before = reached[max(s for s in steps if s < frozen_from)][i]
+                assert [ran[s][i] for s in steps] == [before if s < frozen_from else "frozen" for s in steps], name
+            else:
+                assert all(ran[s][i] == final[i] for s in steps), name
+        assert twin["data_order"] == adaptive["data_order"] and twin["initial_head"] == adaptive["initial_head"]
+
+
+def test_static_twin_plans_from_a_timeline():
+    """Records are taken as each step begins (step 1 first); b is frozen from step 4 on, i.e. after 3."""
+    decisions = {"layers": ["a", "b", "c"], "timeline": [
+        {"step": 1, "modes": ["lora", "lora", "lora"]}, {"step": 2, "modes": ["lora", "lora", "lora"]},
+        {"step": 3, "modes": ["full", "lora", "lora"]}, {"step": 4, "modes": ["full", "frozen", "lora"]},
+        {"step": 5, "modes": ["full", "frozen", "lora"]}]}
+    assert static_twin(decisions) == {"0": {"a": "full", "b": "lora", "c": "lora"}, "3": {"b": "frozen"}}
+
+
+def test_the_default_is_chosen_without_reading_the_test_split(tiny, tmp_path):  # noqa: F811
+    """Poison the test side's labels: the validation rows (every figure) and the choice stay the same."""
+    suite_path = write_suite(tmp_path / "suite.yaml", tiny)
+    suite = load_suite(suite_path)
+    before = run_suite(suite, "validation", fresh_process=False)
+    chosen = choose_default(before, suite["candidates"], suite["clear_lead"])
+    data_cfg = suite["tasks"][0]["data"]
+    test_side = set(load_data(data_cfg, "test").eval_texts)
+    with open(tiny["data"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    poisoned = tmp_path / "poisoned.csv"
+    with poisoned.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "sentiment": ("neg" if r["sentiment"] == "pos" else "pos")
+                             if r["review"] in test_side else r["sentiment"]})
+    suite2 = load_suite(write_suite(tmp_path / "suite2.yaml", tiny, data_path=poisoned))
+    assert load_data(suite2["tasks"][0]["data"], "test").eval_labels != load_data(data_cfg, "test").eval_labels
+    after = run_suite(suite2, "validation", fresh_process=False)
+    key = ("method", "seed", "accuracy", "eval_set", "data_order", "steps", "trainable_end")
+    assert [tuple(r[k] for k in key) for r in after] == [tuple(r[k] for k in key) for r in before]
+    # times and memory are measured, not read from data: they vary between the two runs on this busy
+    # machine; with the first run's costs, the choice from the poisoned run's figures is the same
+    costs = ("wall_time_s", "peak_rss_mb")
+    after = [{**a, **{k: b[k] for k in costs}} for a, b in zip(after, before)]
+    assert choose_default(after, suite2["candidates"], suite2["clear_lead"]) == chosen
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_splits_never_mix(name):
+    """Validation is carved from the test split's training side; the test side shares no text with
+    either, except texts the source itself repeats (in different groups)."""
+    try:
+        test = load_data({"name": name}, "test")
+        val = load_data({"name": name}, "validation")
+    except ConfigError as err:
+        pytest.skip(str(err))
+    repeated = {t for t, n in Counter(test.train_texts + test.eval_texts).items() if n > 1}
+    assert set(val.train_texts) | set(val.eval_texts) <= set(test.train_texts)
+    assert (set(val.train_texts) | set(val.eval_texts)) & set(test.eval_texts) <= repeated
+    assert set(val.train_texts) & set(val.eval_texts) <= repeated
+    assert len(test.eval_texts) and len(val.eval_texts)
+
+
+def made_up_rows():
+    """Two tasks, three seeds: Full leads by 10 points on 'a', 1 on 'b'; 'm' takes 80% of it on 'a'."""
+    base = {"a": {"lora": 0.70, "full": 0.80, "m": 0.78, "topk": 0.79},
+            "b": {"lora": 0.90, "full": 0.91, "m": 0.90, "topk": 0.86}}
+    rows = []
+    for task, means in base.items():
+        for method, mean in means.items():
+            for seed, noise in enumerate((-0.002, 0.0, 0.002)):
+                rows.append({"task": task, "method": method, "seed": seed, "accuracy": mean + noise,
+                             "wall_time_s": {"lora": 10, "full": 14, "m": 9, "topk": 7}[method],
+                             "peak_rss_mb": 100})
+    return rows
+
+
+def test_the_table_and_the_goals_follow_their_definitions():
+    rows = made_up_rows()
+    summary = task_summary([r for r in rows if r["task"] == "a"])
+    assert math.isclose(summary["m"]["share"], 0.8) and math.isclose(summary["m"]["time"], 0.9)
+    assert math.isclose(summary["m"]["vs_lora"]["mean"], 0.08)
+    table = suite_table(rows)
+    assert "| m | 78.00 (+8.00 [+8.00, +8.00]) · 80% | 90.00 (+0.00 [+0.00, +0.00]) · 0% | 0.90 | 1.00 |" in table
+    g = goals(rows, "m", ["m"], {"accuracy": 0.02})
+    assert g["tasks"]["a"]["full_leads"] and not g["tasks"]["b"]["full_leads"]
+    assert math.isclose(g["mean_share_where_full_leads"], 0.8) and g["never_below_lora"]
+    assert g["tasks"]["a"]["best_static"] == "topk" and g["tasks"]["a"]["below_best_static"]  # 0.78 < 0.79
+    assert g["tasks"]["b"]["best_static"] in ("lora", "m") or not g["tasks"]["b"]["below_best_static"]
+    assert choose_default(rows, ["m", "topk"], {"accuracy": 0.02})["chosen"] == "m"  # topk is below LoRA on b
+    assert choose_default([r for r in rows if r["task"] == "a"], ["m", "topk"], {"accuracy": 0.02})["chosen"] == "topk"
+    assert choose_default(rows, ["m", "topk"], {"accuracy": 0.02})["qualified"] == ["m"]  # topk: 4 points below on b
+
+
+def test_bad_suite_files_are_refused_by_name(tiny, tmp_path):  # noqa: F811
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_suite(write_suite(tmp_path / "s.yaml", tiny, seed=[0]))
+    with pytest.raises(ConfigError, match="list a 'full' method"):
+        load_suite(write_suite(tmp_path / "s.yaml", tiny, methods=["lora"]))
+    with pytest.raises(ConfigError, match="candidates: \\['nope'\\]"):
+        load_suite(write_suite(tmp_path / "s.yaml", tiny, candidates=["nope"]))
+    from adaptopt.cli.main import main
+    good = str(write_suite(tmp_path / "s.yaml", tiny))
+    assert main(["suite", good, "--choose"]) == 2  # choosing needs the validation split
+    assert main(["suite", good, "--tasks", "nope"]) == 2
+    assert main(["suite", good, "--report-only"]) == 2  # nothing run yet: the task is named
+
+
+def test_the_suites_small_form_runs_end_to_end_on_real_tasks(tmp_path):
+    """The shipped quick suite (a real MiniLM task, the references, the default and its twin, two
+    seeds): every method in the table, the Pareto plot, the goals of the default."""
+    from adaptopt.cli.main import CONFIGS
+    from adaptopt.cli.suite import write_suite as write_results
+    suite = load_suite(CONFIGS / "suites" / "suite_quick.yaml", str(tmp_path))
+    try:
+        for task in suite["tasks"]:
+            load_data(task["data"], "validation")
+    except ConfigError as err:
+        pytest.skip(str(err))
+    rows = run_suite(suite, "test", fresh_process=False)
+    result = write_results(rows, suite, "test", choose=False)
+    table = (tmp_path / "suite-test.md").read_text()
+    assert "| method | rotten_tomatoes (accuracy) | time / LoRA | memory / LoRA |" in table
+    assert (tmp_path / "pareto-rotten_tomatoes-test.png").stat().st_size > 0
+    for method in ("full", "lora", "hybrid", "hybrid twin"):
+        assert f"\n| {method} |" in table
+    assert set(result["goals"]) == {"hybrid"} and set(result["goals"]["hybrid"]["tasks"]) == {"rotten_tomatoes"}
