@@ -13,10 +13,8 @@ from hypothesis import strategies as st
 
 from adaptopt import LISA, AdaptiveOptimizer, AutoMode, BAdam, Hybrid, LoRALinear, MemoryBudget, Mode
 from adaptopt.policies.base import Budget, LayerDecision, LayerView, Policy
-from adaptopt.training.arguments import TASK_HEADS
 from adaptopt.training.budget import parse_limit
 from adaptopt.training.memory import peak_bytes, state_bytes, traced_activations
-from adaptopt.training.transitions import TrainRules
 from tests.tiny_models import tiny_llama, token_batch
 
 TYPES = ("q", "v", "mlp")
@@ -200,9 +198,19 @@ def test_activations_count_when_the_budget_names_its_step():
         return opt, sum(m.mode is Mode.FULL for m in opt.layers.values())
 
     with_step, n_step = full_layers(MemoryBudget("lora+30%", 8, 64))
-    activations = traced_activations(with_step.model, with_step.layers, 8, 64, TrainRules(False, TASK_HEADS, ()))
+    activations = traced_activations(with_step.model, with_step.layers, 8, 64)
     assert with_step.memory_budget.activations == activations > 0
     states_only, n_states = full_layers(with_step.memory_budget.limit)
     assert states_only.memory_budget.activations == 0
     assert states_only.memory_budget.limit == with_step.memory_budget.limit
     assert n_states > n_step
+
+
+def test_a_budget_that_fits_no_sampled_block_is_refused_by_name():
+    views, cost = made_up([16, 16, 16], 2)
+    views = frozen_views(views)
+    for policy in (LISA(), BAdam()):
+        policy.memory_budget = Budget(cost(dict.fromkeys(views, (Mode.FROZEN, 2))) + 10, cost)
+        with pytest.raises(ValueError, match=rf"{type(policy).__name__}: memory_budget .* fits no block: training "
+                                             r"the largest one needs"):
+            policy.initial(views, {})

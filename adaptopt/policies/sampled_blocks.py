@@ -72,11 +72,17 @@ class SampledBlocks(Policy):
             return min(self.active_count(), len(groups))
         sizes = unit_importance(groups, size_scores(layers))
         largest = sorted(groups, key=lambda u: -sizes[u])
+        def with_full(count: int) -> dict[str, LayerDecision]:
+            return {name: LayerDecision(Mode.FULL if unit in largest[:count] else Mode.FROZEN)
+                    for unit, names in groups.items() for name in names}
         width = 0
-        while width < len(largest) and self.memory_budget.fits(layers, {
-                name: LayerDecision(Mode.FULL if unit in largest[:width + 1] else Mode.FROZEN)
-                for unit, names in groups.items() for name in names}):
+        while width < len(largest) and self.memory_budget.fits(layers, with_full(width + 1)):
             width += 1
+        if width == 0:
+            need = self.memory_budget.cost_of(layers, with_full(1))
+            raise ValueError(f"{type(self).__name__}: memory_budget {self.memory_budget.limit / 1e9:.3g} GB fits no "
+                             f"block: training the largest one needs {need / 1e9:.3g} GB. Raise the budget"
+                             + (", or pass train_embeddings=False" if self.train_embeddings else ""))
         return width
 
     def assignment(self, layers: Mapping[str, LayerView], scores: Scores, index: int) -> dict[str, LayerDecision]:

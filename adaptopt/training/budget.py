@@ -121,7 +121,7 @@ def resolve_budget(spec: Any, model: nn.Module, layers: Mapping[str, LoRALinear]
     Raises ``ValueError`` for a limit below LoRA's cost, naming both."""
     budget = MemoryBudget.coerce(spec)
     if activations is None:
-        activations = (traced_activations(model, layers, budget.batch_size, budget.seq_len, base_rules)
+        activations = (traced_activations(model, layers, budget.batch_size, budget.seq_len)
                     if budget.batch_size is not None else 0)
     cost = assignment_cost(model, layers, rules, activations, weight_offset)
     lora = assignment_cost(model, layers, base_rules, activations, weight_offset)(

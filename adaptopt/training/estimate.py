@@ -114,7 +114,7 @@ def estimate_memory(model: nn.Module, policy: Any = "hybrid", batch_size: int = 
         spec = MemoryBudget.coerce(memory_budget)  # its activations: its own step's, else this estimate's
         step = (spec.batch_size, spec.seq_len) if spec.batch_size is not None else (batch_size, seq_len)
         policy.memory_budget, _ = resolve_budget(spec, meta, layers, rules, user_rules,
-                                                 traced_activations(meta, layers, *step, user_rules), four_bit)
+                                                 traced_activations(meta, layers, *step), four_bit)
     decisions = policy.peak_assignment(layer_views(layers, dict.fromkeys(layers, 1.0)))
     layouts = layouts_for(layers, {name: (d.mode, d.rank or rank) for name, d in decisions.items()})
     layouts = {name: layouts.get(name, m.layout()) for name, m in layers.items()}

@@ -142,17 +142,17 @@ def saved_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, devi
     return sum(seen.values()), int(logits.numel()) if torch.is_tensor(logits) else batch_size * seq_len * vocab
 
 
-def traced_activations(model: nn.Module, layers: Mapping[str, LoRALinear], batch_size: int, seq_len: int,
-                       rules: TrainRules) -> int:
-    """Activations and logits of one step with every target layer in LoRA and what ``rules`` admit
-    training (what a layer in LoRA saves for backward bounds what it saves FULL or frozen), traced
-    on a meta copy."""
+def traced_activations(model: nn.Module, layers: Mapping[str, LoRALinear], batch_size: int, seq_len: int) -> int:
+    """Activations and logits of one step that bound every assignment's, traced on a meta copy:
+    every target layer in LoRA (it saves ``x`` and ``x·Aᵀ``, a FULL layer ``x``, a frozen one
+    nothing) and every other parameter training (a FULL block's norms save their inputs too)."""
     twin = meta_copy(model)
     twin_layers = {name: twin.get_submodule(name) for name in layers}
     layouts = layouts_for(layers, {n: (Mode.LORA, m.rank) for n, m in layers.items()})
     for name, layout in layouts.items():
         twin_layers[name].adopt_layout(layout)
     params = dict(twin.named_parameters())
-    train_exactly(twin, [params[n] for n in plan_trainable(twin, twin_layers, rules, layouts)])
+    everything = TrainRules(True, (), ())
+    train_exactly(twin, [params[n] for n in plan_trainable(twin, twin_layers, everything, layouts)])
     activations, logits = saved_activation_bytes(twin, batch_size, seq_len, torch.device("meta"))
     return activations + 2 * 4 * logits

@@ -147,7 +147,8 @@ def main() -> None:
     policies = ["lora", "hybrid", "full"] if args.quick else list(POLICIES)
     if args.budget:
         policies = ["hybrid", "automode", "lisa", "badam"]
-    rows = []
+    rows: list[dict] = []
+    refused: list[dict] = []
     from tqdm import tqdm
     for model_name in models:
         for policy in tqdm(policies, desc=model_name):
@@ -155,12 +156,17 @@ def main() -> None:
                                   "--seq", str(args.seq), "--device", args.device, "--dtype", args.dtype,
                                   *(["--budget", args.budget] if args.budget else []),
                                   *(["--autocast", args.autocast] if args.autocast else [])],
-                                 capture_output=True, text=True, check=True,
-                                 env={**os.environ, **ALLOCATOR})
+                                 capture_output=True, text=True, env={**os.environ, **ALLOCATOR})
+            if out.returncode:  # a refusal (a budget that fits nothing) is a result; anything else is not
+                last = out.stderr.strip().splitlines()[-1]
+                if not last.startswith("ValueError"):
+                    raise RuntimeError(out.stderr)
+                refused.append({"model": model_name, "policy": policy, "refused": last})
+                continue
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "memory_estimate.json").write_text(json.dumps(rows, indent=1))
+    (out_dir / "memory_estimate.json").write_text(json.dumps(rows + refused, indent=1))
     plot(rows, out_dir / "memory_estimate.png")
     measured = ("torch.cuda.max_memory_allocated" if args.device == "cuda"
                 else f"peak RSS − the process's baseline, {ALLOCATOR}")
@@ -178,6 +184,8 @@ def main() -> None:
         print(f"| {r['model']} | {r['policy']} | {r['measured'] / 1e9:.3f} | {r['estimate'] / 1e9:.3f} | "
               f"{r['estimate'] / r['measured']:.2f} | {q['weights']:.3f} | {q['gradients']:.3f} | "
               f"{q['optimizer']:.3f} | {q['activations']:.3f} | {q['logits']:.3f} | {budget} | {modes} |")
+    for r in refused:
+        print(f"| {r['model']} | {r['policy']} | refused: {r['refused']} |")
 
 
 if __name__ == "__main__":
