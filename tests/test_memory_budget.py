@@ -4,6 +4,7 @@ holds; a limit below LoRA's or a policy that starts above it is refused by name,
 as it was; decisions of a policy that does not spend budgets are cut to fit."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -40,9 +41,7 @@ def made_up(block_widths, rank):
 
 
 def frozen_views(views):
-    return {n: v._replace(mode=Mode.FROZEN) if hasattr(v, "_replace") else
-            LayerView(v.name, v.block_name, v.block_index, v.layer_type, Mode.FROZEN, v.rank, v.lr_scale,
-                      v.in_features, v.out_features, v.quantized) for n, v in views.items()}
+    return {n: dataclasses.replace(v, mode=Mode.FROZEN) for n, v in views.items()}
 
 
 def blocks_in(decisions, mode):
