@@ -28,6 +28,18 @@ EMBEDDINGS = ("embed_tokens", "word_embeddings", "wte", "wpe", "position_embeddi
               "embeddings", "lm_head")
 
 
+def output_layer(model) -> tuple[str, ...]:
+    """Exact patterns for the parameters of the model's output layer (``get_output_embeddings()``:
+    a language model's head, which a tied model shares with its input embeddings); ``()`` for a
+    model without one (a classifier's head trains anyway)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return ()
+    own = {id(p) for p in head.parameters()}
+    return tuple(re.escape(name) for name, p in model.named_parameters() if id(p) in own)
+
+
 @lru_cache(maxsize=1024)
 def _compiled(pattern: str) -> Pattern[str]:
     try:

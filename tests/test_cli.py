@@ -203,3 +203,12 @@ def test_plan_prints_peak_memory_per_policy_from_the_config(tiny, capsys):
                  "--rank", "2", "--budget", "lora+10%", "--autocast", "bfloat16"]) == 0
     out = capsys.readouterr().out
     assert "memory budget lora+10%, autocast to bfloat16" in out
+    # a policy the budget refuses is named below the others' rows; alone, it is an error
+    assert main(["plan", str(tiny["model"]), "--policies", "lora,lisa", "--batch-size", "2", "--seq-len", "8",
+                 "--rank", "2", "--budget", "lora+1%"]) == 0
+    out = capsys.readouterr().out
+    assert [r.split("|")[1].strip() for r in out.splitlines() if r.startswith("| ") and "policy" not in r] == ["lora"]
+    assert "lisa: refused by the budget" in out and "fits no block" in out
+    assert main(["plan", str(tiny["model"]), "--policies", "lisa", "--batch-size", "2", "--seq-len", "8",
+                 "--rank", "2", "--budget", "lora+1%"]) == 2
+    assert "fits no block" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 
 from adaptopt import LISA, AdaptiveOptimizer, BAdam, Mode
 from adaptopt.policies.base import LayerView
-from tests.tiny_models import tiny_llama, token_batch
+from tests.tiny_models import tiny_bert, tiny_llama, token_batch
 
 
 def run(policy, steps, model=None, opt=None, start=0, record=None):
@@ -134,5 +134,26 @@ def test_whether_embeddings_train_is_a_setting_of_every_policy(policy):
         trains[setting] = model.model.embed_tokens.weight.requires_grad
     assert trains[True] and not trains[False]
     assert trains[None] == (policy in ("lisa", "full"))
-    with pytest.raises(ValueError, match="train_embeddings is True, False or None"):
+    with pytest.raises(ValueError, match="train_embeddings is True, False, 'output'"):
         AdaptiveOptimizer(tiny_llama(layers=2), lr=1e-3, policy=policy, train_embeddings="yes")
+
+
+def trained_names(model, **kwargs):
+    AdaptiveOptimizer(model, lr=1e-3, rank=2, **kwargs)
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_the_output_layer_alone_trains_where_a_model_has_one():
+    """``train_embeddings="output"``: a language model's head, shared with the input embeddings when
+    tied; a classifier (no output embeddings) trains exactly what it trains without the setting."""
+    untied = trained_names(tiny_llama(layers=2), policy="lora", train_embeddings="output")
+    assert untied - trained_names(tiny_llama(layers=2), policy="lora") == {"lm_head.weight"}
+    config = tiny_llama(layers=2).config
+    config.tie_word_embeddings = True
+    tied = type(tiny_llama(layers=2))(config)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert trained_names(tied, policy="hybrid", train_embeddings="output") - trained_names(
+        tiny_llama(layers=2), policy="hybrid") == {"model.embed_tokens.weight"}
+    assert tied.lm_head.weight.requires_grad
+    assert trained_names(tiny_bert(), policy="lora", train_embeddings="output") == trained_names(
+        tiny_bert(), policy="lora")

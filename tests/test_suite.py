@@ -14,7 +14,17 @@ import pytest
 
 from adaptopt.cli.config import ConfigError
 from adaptopt.cli.data import REGISTRY, load_data
-from adaptopt.cli.suite import choose_default, goals, load_suite, run_suite, static_twin, suite_table, task_summary
+from adaptopt.cli.suite import (
+    choose_default,
+    goals,
+    load_suite,
+    run_suite,
+    saved_rows,
+    static_twin,
+    suite_table,
+    task_summary,
+    twin_method,
+)
 from tests.test_cli import tiny  # noqa: F401  (the fixture: a tiny BERT folder and a CSV)
 
 yaml = pytest.importorskip("yaml")
@@ -64,6 +74,18 @@ def test_a_static_twin_runs_the_assignment_its_policy_reached_with_the_same_late
             else:
                 assert all(ran[s][i] == final[i] for s in steps), name
         assert twin["data_order"] == adaptive["data_order"] and twin["initial_head"] == adaptive["initial_head"]
+    # a part re-run (--methods): its rows replace their own; every other saved row stays as it was
+    saved = Path(suite["tasks"][0]["output_dir"]) / "rows-test.json"
+    before = {(r["method"], r["seed"]): r for r in json.loads(saved.read_text())}
+    rerun = run_suite(suite, "test", fresh_process=False, methods=["lora", "automode twin"])
+    assert {r["method"] for r in rerun} == {"full", "lora", "hybrid", "automode", "automode twin"}  # the whole task
+    after = {(r["method"], r["seed"]): r for r in json.loads(saved.read_text())}
+    assert sorted(after) == sorted(before)
+    for key, row in after.items():
+        assert (row == before[key]) == (key[0] not in ("lora", "automode twin")), key
+    assert saved_rows(suite, "test", only=["reviews"]) == json.loads(saved.read_text())
+    with pytest.raises(ConfigError, match="no validation results"):
+        saved_rows(suite, "validation")
 
 
 def test_static_twin_plans_from_a_timeline():
@@ -73,6 +95,14 @@ def test_static_twin_plans_from_a_timeline():
         {"step": 3, "modes": ["full", "lora", "lora"]}, {"step": 4, "modes": ["full", "frozen", "lora"]},
         {"step": 5, "modes": ["full", "frozen", "lora"]}]}
     assert static_twin(decisions) == {"0": {"a": "full", "b": "lora", "c": "lora"}, "3": {"b": "frozen"}}
+
+
+def test_a_twin_trains_what_its_method_trains_but_spends_no_budget():
+    method = {"method": "hybrid", "label": "h", "lr": 1e-4, "lora": {"r": 8}, "train_embeddings": "output",
+              "memory_budget": "lora+25%", "hybrid": {"calibration_steps": 4}}
+    plan = {"0": {"a": "full"}}
+    assert twin_method(method, plan) == {"lr": 1e-4, "lora": {"r": 8}, "train_embeddings": "output",
+                                         "method": "scheduled", "scheduled": {"plan": plan}, "label": "h twin"}
 
 
 def test_the_default_is_chosen_without_reading_the_test_split(tiny, tmp_path):  # noqa: F811

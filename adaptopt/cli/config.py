@@ -175,7 +175,7 @@ TRAINING_RULES = {"epochs": ("number", 0, None, False), "batch_size": ("int", 1,
                   "weight_decay": ("number", 0, None, True), "max_grad_norm": ("number", 0, None, True),
                   "seed": ("int", None, None, True), "train_other": ("bool", None, None, True)}
 METHOD_RULES = {"lr": ("number?", 0, None, False), "lora_lr": ("number?", 0, None, False),
-                "train_other": ("bool", None, None, True), "train_embeddings": ("bool", None, None, True)}
+                "train_other": ("bool", None, None, True), "train_embeddings": ("embeddings", None, None, True)}
 DATA_RULES = {"eval_fraction": ("number", 0, 1, False), "validation_fraction": ("number", 0, 1, False),
               "skip_repeated_headers": ("bool", None, None, True),
               "max_train": ("int?", 1, None, True),
@@ -184,7 +184,8 @@ DATA_RULES = {"eval_fraction": ("number", 0, 1, False), "validation_fraction": (
 
 def _describe(kind: str, low: Any, high: Any, inclusive: bool) -> str:
     what = {"int": "an integer", "int?": "an integer or null", "number": "a number", "number?": "a number or null",
-            "bool": "true or false", "steps": "-1 (no limit) or a positive integer"}[kind]
+            "bool": "true or false", "steps": "-1 (no limit) or a positive integer",
+            "embeddings": "true, false or output (the output layer only)"}[kind]
     if low is not None and high is not None:
         return f"{what} in {'[' if inclusive else '('}{low}, {high}{']' if inclusive else ')'}"
     if low is not None:
@@ -200,8 +201,8 @@ def _check_values(section: dict, rules: Mapping[str, tuple], source: str, key: s
         value = section[name]
         if kind.endswith("?") and value is None:
             continue
-        if kind == "bool":
-            ok = isinstance(value, bool)
+        if kind in ("bool", "embeddings"):
+            ok = isinstance(value, bool) or (kind == "embeddings" and value == "output")
         else:
             if isinstance(value, str):
                 try:

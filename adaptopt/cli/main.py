@@ -216,15 +216,21 @@ def cmd_suite(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"suite: --tasks {unknown}: not tasks of {suite['source']} "
                           f"({[t['name'] for t in suite['tasks']]})")
+    methods = args.methods.split(",") if args.methods else None
+    labels = [m["label"] for m in suite["tasks"][0]["methods"]] + [f"{t} twin" for t in suite["twins"]]
+    if sorted(set(methods or ()) - set(labels)):
+        raise ConfigError(f"suite: --methods {sorted(set(methods) - set(labels))}: not method labels of "
+                          f"{suite['source']} ({labels})")
     if not args.report_only:
         for task in suite["tasks"]:
+            run = [m for m in task["methods"] if not methods or m["label"] in methods]
             if not only or task["name"] in only:
-                _validate(task, task["methods"], task["seeds"][0], args.split)
-        run_suite(suite, args.split, only=only)
+                _validate(task, run or task["methods"][:1], task["seeds"][0], args.split)  # twins only: the data
+        run_suite(suite, args.split, only=only, methods=methods)
         if only and set(only) != {t["name"] for t in suite["tasks"]}:
             print(f"\nran {only}; `adaptopt suite {args.config} --split {args.split} --report-only` reports every task")
             return 0
-    write_suite(saved_rows(suite, args.split), suite, args.split, args.choose)
+    write_suite(saved_rows(suite, args.split, only if args.report_only else None), suite, args.split, args.choose)
     return 0
 
 
@@ -252,20 +258,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
     auto = AutoModelForSequenceClassification if classes else AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(config)
-    estimates = {}
+    estimates, refused = {}, []
     for name in args.policies.split(","):
         try:
             estimates[name] = estimate_memory(model, name, args.batch_size, args.seq_len, dtype=dtype, rank=args.rank,
                                               gradient_checkpointing=args.gradient_checkpointing,
                                               memory_budget=args.budget, autocast=autocast)
         except ValueError as err:
-            raise ConfigError(f"plan: policy {name!r}: {err}") from None
+            if not (args.budget and "memory_budget" in str(err)):
+                raise ConfigError(f"plan: policy {name!r}: {err}") from None
+            refused.append(f"{name}: refused by the budget: {err}")  # the other policies still plan
+    if not estimates:
+        raise ConfigError("plan: " + "; ".join(refused))
     print(f"{args.model}: batch {args.batch_size} × {args.seq_len} tokens, weights in {args.dtype}, LoRA rank "
           f"{args.rank}{', gradient checkpointing' if args.gradient_checkpointing else ''}"
           f"{f', memory budget {args.budget}' if args.budget else ''}"
           f"{f', autocast to {args.autocast}' if args.autocast else ''} (GB; the process itself, "
           "a CUDA context and allocator slack come on top)")
     print(plan_table(estimates))
+    for line in refused:
+        print(line)
     return 0
 
 
@@ -310,7 +322,10 @@ def parser() -> argparse.ArgumentParser:
     suite.add_argument("--seeds", help="comma-separated seeds (default: the file's)")
     suite.add_argument("--choose", action="store_true", help="choose the default among the file's candidates "
                        "(needs --split validation)")
-    suite.add_argument("--tasks", help="comma-separated task names: run only these (a suite in parts)")
+    suite.add_argument("--tasks", help="comma-separated task names: run only these (a suite in parts); with "
+                       "--report-only, report only these")
+    suite.add_argument("--methods", help="comma-separated method labels: run only these (their rows replace the "
+                       "saved ones of the same seeds; the task's other saved rows stay)")
     suite.add_argument("--report-only", action="store_true", help="report the saved results of every task, "
                        "running nothing")
     suite.add_argument("--output-dir")

@@ -9,7 +9,7 @@ task head plus what their policy chooses (``training.train_other: true`` adds th
 ``trainable: [patterns]``, in ``training`` or a method, adds the parameters those name). A
 section named after the method holds the policy's own arguments (``automode: {u: 6, t: 10}``).
 ``memory_budget`` (a method's, else ``training``'s) is the optimizer's, its activations those of a
-``batch_size × max_length`` step; a method's ``train_embeddings: true | false`` is the optimizer's.
+``batch_size × max_length`` step; a method's ``train_embeddings: true | false | output`` is the optimizer's.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def optimizer_kwargs(method_cfg: Mapping[str, Any], training: Mapping[str, Any],
     if lora.get("target_modules"):
         kwargs["targets"] = list(lora["target_modules"])
     if method_cfg.get("train_embeddings") is not None:
-        kwargs["train_embeddings"] = bool(method_cfg["train_embeddings"])
+        kwargs["train_embeddings"] = method_cfg["train_embeddings"]
     budget = method_cfg.get("memory_budget", training.get("memory_budget"))
     if budget is not None:  # the run's own step counts: its batch at the longest sequence it allows
         from adaptopt import MemoryBudget

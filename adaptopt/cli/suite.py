@@ -102,18 +102,21 @@ def static_twin(decisions: Mapping[str, Any]) -> dict[str, dict[str, str]]:
 
 
 def twin_method(method: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]:
-    """The method config that runs ``plan`` with ``method``'s learning rates and LoRA settings."""
+    """The method config that runs ``plan`` with ``method``'s learning rates, LoRA settings and
+    trained extras (``train_embeddings``); not its budget (the plan already kept to it)."""
     twin = {k: copy.deepcopy(v) for k, v in method.items() if k in ("lr", "lora_lr", "lora", "train_other",
-                                                                        "trainable")}
+                                                                        "trainable", "train_embeddings")}
     return {**twin, "method": "scheduled", "scheduled": {"plan": dict(plan)}, "label": f"{method['label']} twin"}
 
 
 # --------------------------------------------------------------------------- running
 def run_suite(suite: Mapping[str, Any], split: str = "test", fresh_process: bool = True,
-              only: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Every task (or those named in ``only``) × method × seed, then every twin; the rows carry their
-    ``task``, and each task's rows are saved as it ends (``<task>/rows-<split>.json``), so a suite can
-    run in parts and be reported whole (:func:`saved_rows`)."""
+              only: Sequence[str] | None = None, methods: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Every task (or those named in ``only``) × method (or those labelled in ``methods``) × seed,
+    then every twin of a method run; the rows carry their ``task``, and each task's rows are saved as
+    it ends (``<task>/rows-<split>.json``), so a suite can run in parts and be reported whole
+    (:func:`saved_rows`). With ``methods`` (twins named ``"<label> twin"``), the task's saved rows of
+    other (method, seed) pairs stay."""
     from .runner import compare_runs
     rows: list[dict[str, Any]] = []
     for task in suite["tasks"]:
@@ -121,25 +124,36 @@ def run_suite(suite: Mapping[str, Any], split: str = "test", fresh_process: bool
             continue
         out = Path(task["output_dir"])
         print(f"\n== task {task['name']} ({split} split) → {out}", flush=True)
-        task_rows = compare_runs(task, out, split=split, fresh_process=fresh_process)
+        chosen = [m for m in task["methods"] if not methods or m["label"] in methods]
+        task_rows = compare_runs({**task, "methods": chosen}, out, split=split, fresh_process=fresh_process)
+        saved = out / f"rows-{split}.json"
+        kept = json.loads(saved.read_text()) if methods and saved.is_file() else []
         by_label = {m["label"]: m for m in task["methods"]}
-        for label in suite["twins"]:
-            for row in [r for r in task_rows if r["method"] == label]:
+        for label in [t for t in suite["twins"] if (f"{t} twin" in methods if methods else t in by_label)]:
+            ran = task_rows if any(r["method"] == label for r in task_rows) else kept
+            adaptive = [r for r in ran if r["method"] == label and r["seed"] in task["seeds"]]
+            if not adaptive:
+                raise ConfigError(f"suite: {label} twin: task {task['name']} has no {split} run of {label!r} to "
+                                  f"repeat; run it too (--methods {label},{label} twin)")
+            for row in adaptive:
                 decisions = json.loads((Path(row["run_dir"]) / "decisions.json").read_text())
                 twin = twin_method(by_label[label], static_twin(decisions))
                 twin_config = {**task, "methods": [twin], "seeds": [row["seed"]]}
                 task_rows += compare_runs(twin_config, out, split=split, fresh_process=fresh_process)
-        task_rows = [{**r, "task": task["name"]} for r in task_rows]
+        ran_pairs = {(r["method"], r["seed"]) for r in task_rows}
+        task_rows = [r for r in kept if (r["method"], r["seed"]) not in ran_pairs] + \
+            [{**r, "task": task["name"]} for r in task_rows]
         out.mkdir(parents=True, exist_ok=True)
         (out / f"rows-{split}.json").write_text(json.dumps(task_rows, indent=1))
         rows += task_rows
     return rows
 
 
-def saved_rows(suite: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
-    """The rows every task of ``suite`` saved for ``split``; a task not run yet is named."""
+def saved_rows(suite: Mapping[str, Any], split: str, only: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The rows every task of ``suite`` (or those named in ``only``) saved for ``split``; a task not
+    run yet is named."""
     rows = []
-    for task in suite["tasks"]:
+    for task in [t for t in suite["tasks"] if not only or t["name"] in only]:
         path = Path(task["output_dir"]) / f"rows-{split}.json"
         if not path.is_file():
             raise ConfigError(f"suite: task {task['name']!r} has no {split} results at {path}; run it "
@@ -302,7 +316,8 @@ def write_suite(rows: Sequence[Mapping[str, Any]], suite: Mapping[str, Any], spl
     adaptive = list(suite["candidates"]) or [m for m in [suite["default"]] if m]
     reported = {m: goals(rows, m, adaptive, suite["clear_lead"]) for m in dict.fromkeys(
         [*([suite["default"]] if suite["default"] else []), *suite["candidates"]])}
-    text = [f"# {suite['name']}: {split} split, seeds {suite['tasks'][0]['seeds']}", "",
+    seeds = sorted({r["seed"] for r in rows})
+    text = [f"# {suite['name']}: {split} split, seeds {seeds}", "",
             "Each cell: the metric (accuracy in points, or perplexity), its paired difference to LoRA with the "
             "95% interval, and the share of Full's lead it captures.", "", table]
     result: dict[str, Any] = {"split": split, "goals": reported}

@@ -122,7 +122,8 @@ def saved_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, devi
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "_attn_implementation"):
         config._attn_implementation = "eager"  # sdpa's mask helpers read values, which meta tensors have not
-    model.train()
+    for module in model.modules():  # not model.train(): transformers' override kernelizes, refused on meta
+        module.training = True
     # transformers' mask helpers read values in places a meta tensor cannot give them: causal models
     # check position ids (skipped when a mask is given), encoders check a given mask (skipped without one)
     for inputs in ({"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}, {"input_ids": tokens}):

@@ -27,7 +27,7 @@ from torch import nn
 from ..layers.lora import LoRALinear
 from ..layers.sharded import gathered, is_sharded, local_tensor, refuse_sharded_4bit
 from ..modes import Mode
-from ..name_patterns import EMBEDDINGS
+from ..name_patterns import EMBEDDINGS, output_layer
 from ..peft_arguments import accepts_peft_names, peft_trainable
 from ..policies import DEFAULT_POLICY, LayerDecision, LayerView, Policy, build_policy
 from ..policies.base import check_positive_int
@@ -92,8 +92,9 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             of importance; no policy exceeds it; below LoRA's cost it is refused
             (:mod:`adaptopt.training.budget`, docs/optimizer.md). ``opt.memory_budget`` holds the figures.
         train_embeddings: whether the input embeddings and the output layer train, for any policy
-            (:data:`adaptopt.name_patterns.EMBEDDINGS`); ``None`` (default): as the policy says (LISA
-            and Full: yes; the others: no).
+            (:data:`adaptopt.name_patterns.EMBEDDINGS`); ``"output"``: the output layer only (a language
+            model's head — tied models share it with the input embeddings; a classifier's head trains
+            anyway); ``None`` (default): as the policy says (LISA and Full: yes; the others: no).
         **adamw_kwargs: passed to ``torch.optim.AdamW`` (``betas``, ``eps``, ``weight_decay``,
             ``foreach`` defaults to True, ...).
 
@@ -110,14 +111,15 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                  trainable: Iterable[str] = TASK_HEADS, frozen: Iterable[str] = (),
                  steps_per_epoch: int | None = None, total_steps: int | None = None, nonfinite: str = "skip",
                  process_group: Any = None, bias: str = "none", modules_to_save: Iterable[str] | None = None,
-                 task_type: str | None = None, memory_budget: Any = None, train_embeddings: bool | None = None,
+                 task_type: str | None = None, memory_budget: Any = None, train_embeddings: bool | str | None = None,
                  **adamw_kwargs: Any) -> None:
         own = [n for n in inspect.signature(AdaptiveOptimizer.__init__).parameters if n not in ("self", "adamw_kwargs")]
         lora_lr, self.lora_plus_ratio = check_arguments(lr, lora_lr, lora_plus_ratio, nonfinite, steps_per_epoch,
                                                         total_steps, adamw_kwargs, own)
         peft_trainable(model, [], bias, modules_to_save, task_type)  # checked before anything changes
-        if train_embeddings not in (None, True, False):
-            raise ValueError(f"train_embeddings is True, False or None (the policy's choice), got {train_embeddings!r}")
+        if train_embeddings not in (None, True, False, "output"):
+            raise ValueError(f"train_embeddings is True, False, 'output' (the output layer only) or None (the "
+                             f"policy's choice), got {train_embeddings!r}")
         refuse_deepspeed(model)
         adamw_kwargs.setdefault("foreach", True)
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr, **adamw_kwargs)  # validates betas, eps, ...
@@ -139,7 +141,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                     init=init)
             user = tuple(trainable) + tuple(peft_trainable(model, list(self.layers), bias, modules_to_save))
             if train_embeddings:
-                user += EMBEDDINGS
+                user += output_layer(model) if train_embeddings == "output" else EMBEDDINGS
             frozen = tuple(frozen) + (EMBEDDINGS if train_embeddings is False else ())
             rules = TrainRules(bool(train_other), user + tuple(self.policy.trainable_extra()), frozen)
             self.policy.memory_budget, self.memory_budget = None, None
