@@ -240,6 +240,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from adaptopt import estimate_memory
+    from adaptopt.policies.base import OverBudget
     from adaptopt.training.estimate import plan_table
 
     from .models import model_directory
@@ -264,10 +265,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             estimates[name] = estimate_memory(model, name, args.batch_size, args.seq_len, dtype=dtype, rank=args.rank,
                                               gradient_checkpointing=args.gradient_checkpointing,
                                               memory_budget=args.budget, autocast=autocast)
-        except ValueError as err:
-            if not (args.budget and "memory_budget" in str(err)):
-                raise ConfigError(f"plan: policy {name!r}: {err}") from None
+        except OverBudget as err:
             refused.append(f"{name}: refused by the budget: {err}")  # the other policies still plan
+        except ValueError as err:
+            raise ConfigError(f"plan: policy {name!r}: {err}") from None
     if not estimates:
         raise ConfigError("plan: " + "; ".join(refused))
     print(f"{args.model}: batch {args.batch_size} × {args.seq_len} tokens, weights in {args.dtype}, LoRA rank "

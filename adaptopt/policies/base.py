@@ -84,6 +84,11 @@ class Statistics(NamedTuple):
     frozen_layers: bool = True
 
 
+class OverBudget(ValueError):
+    """An assignment (or LoRA itself) needs more memory than the budget allows; the message names
+    both figures. A ``ValueError``, so callers that catch those keep working."""
+
+
 class Budget(NamedTuple):
     """Bytes a run may spend on training memory, and what an assignment costs (docs/optimizer.md,
     "Memory budgets"). Pure for the policy: ``cost`` maps every layer's ``(mode, rank)`` to the

@@ -34,6 +34,7 @@ from ..scores.gradient import unit_importance, units
 from .base import (
     LayerDecision,
     LayerView,
+    OverBudget,
     Policy,
     Scores,
     Statistics,
@@ -80,7 +81,7 @@ class SampledBlocks(Policy):
             width += 1
         if width == 0:
             need = self.memory_budget.cost_of(layers, with_full(1))
-            raise ValueError(f"{type(self).__name__}: memory_budget {self.memory_budget.limit / 1e9:.3g} GB fits no "
+            raise OverBudget(f"{type(self).__name__}: memory_budget {self.memory_budget.limit / 1e9:.3g} GB fits no "
                              f"block: training the largest one needs {need / 1e9:.3g} GB. Raise the budget"
                              + (", or pass train_embeddings=False" if self.train_embeddings else ""))
         return width

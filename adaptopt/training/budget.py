@@ -34,7 +34,7 @@ from torch import nn
 
 from ..layers.lora import LoRALinear
 from ..modes import Mode
-from ..policies.base import Budget, LayerDecision, LayerView
+from ..policies.base import Budget, LayerDecision, LayerView, OverBudget
 from .memory import layouts_for, peak_bytes, state_bytes, traced_activations
 from .transitions import TrainRules
 
@@ -133,7 +133,7 @@ def resolve_budget(spec: Any, model: nn.Module, layers: Mapping[str, LoRALinear]
     resolved = ResolvedBudget(limit, lora, full, activations)
     if limit < lora:
         what = "" if budget.batch_size is not None else " (weights, gradients and optimizer states)"
-        raise ValueError(f"memory_budget {limit / 1e9:.3g} GB is below what LoRA needs for this model{what}: "
+        raise OverBudget(f"memory_budget {limit / 1e9:.3g} GB is below what LoRA needs for this model{what}: "
                          f"{lora / 1e9:.3g} GB (Full: {full / 1e9:.3g} GB). Raise it to at least that, e.g. "
                          f"memory_budget='lora+25%', or lower the LoRA rank")
     return Budget(limit, cost), resolved
@@ -149,7 +149,7 @@ def within_budget(budget: Budget, views: Mapping[str, LayerView], decisions: Map
         return decisions
     needed = budget.cost_of(views, decisions)
     if initial:
-        raise ValueError(f"policy {method!r} starts with an assignment that needs {needed / 1e9:.3g} GB, above "
+        raise OverBudget(f"policy {method!r} starts with an assignment that needs {needed / 1e9:.3g} GB, above "
                          f"memory_budget {budget.limit / 1e9:.3g} GB. Raise the budget, or choose a policy that "
                          "spends one (hybrid, automode, lisa, badam)")
     before = budget.cost_of(views, {})
