@@ -75,10 +75,10 @@ def test_a_resume_that_brings_another_length_into_a_new_optimizer_warns_on_load(
 def test_a_run_shorter_than_the_schedule_warns_at_the_start(steps, first):
     with pytest.warns(UserWarning, match=rf"policy 'hybrid' makes its first decision at step {first}, but this run "
                                          rf"has {steps} optimizer steps: nothing it decides will train"):
-        AdaptiveOptimizer(tiny_bert(), lr=1e-3, policy=Hybrid(), rank=2, total_steps=steps)
+        AdaptiveOptimizer(tiny_bert(), lr=1e-3, policy=Hybrid(calibration_steps=4), rank=2, total_steps=steps)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        AdaptiveOptimizer(tiny_bert(), lr=1e-3, policy=Hybrid(), rank=2, total_steps=5)  # step 4 < 5: it trains
+        AdaptiveOptimizer(tiny_bert(), lr=1e-3, policy=Hybrid(calibration_steps=4), rank=2, total_steps=5)  # 4 < 5
         AdaptiveOptimizer(tiny_bert(), lr=1e-3, policy="lora", rank=2, total_steps=2)  # static: nothing to say
 
 

@@ -17,6 +17,7 @@ from adaptopt.cli.data import REGISTRY, load_data
 from adaptopt.cli.suite import (
     choose_default,
     goals,
+    goals_table,
     load_suite,
     run_suite,
     saved_rows,
@@ -179,6 +180,9 @@ def test_the_table_and_the_goals_follow_their_definitions():
     assert choose_default(rows, ["m", "topk"], {"accuracy": 0.02})["chosen"] == "m"  # topk is below LoRA on b
     assert choose_default([r for r in rows if r["task"] == "a"], ["m", "topk"], {"accuracy": 0.02})["chosen"] == "topk"
     assert choose_default(rows, ["m", "topk"], {"accuracy": 0.02})["qualified"] == ["m"]  # topk: 4 points below on b
+    shown = goals_table({"m": g, "unrun": goals(rows, "unrun", ["m"], {"accuracy": 0.02})})
+    assert "| m | yes | 80% | no: a (vs topk) | 0.90 |" in shown  # the failing task is named
+    assert "| unrun |" not in shown and "no rows on this split: unrun" in shown  # no 'yes' for what never ran
 
 
 def test_bad_suite_files_are_refused_by_name(tiny, tmp_path):  # noqa: F811

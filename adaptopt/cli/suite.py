@@ -292,13 +292,21 @@ def choose_default(rows: Sequence[Mapping[str, Any]], candidates: Sequence[str],
 
 
 def goals_table(report: Mapping[str, Any]) -> str:
-    """The goals of each reported method, one row each."""
+    """The goals of each reported method, one row each, naming the tasks where a goal fails; methods
+    without rows on this split are listed under the table, not scored."""
+    def verdict(g: Mapping[str, Any], key: str, against: str | None = None) -> str:
+        failed = [f"{t} (vs {v[against]})" if against else t for t, v in g["tasks"].items() if v[key]]
+        return "no: " + ", ".join(failed) if failed else "yes"
+
     lines = ["| method | never below LoRA | share of Full's lead where it leads clearly | never below the best static "
              "| mean time / LoRA |", "|---|---|---|---|---|"]
     for name, g in report.items():
-        lines.append(f"| {name} | {'yes' if g['never_below_lora'] else 'no'} | "
-                     f"{100 * g['mean_share_where_full_leads']:.0f}% | "
-                     f"{'yes' if g['never_below_best_static'] else 'no'} | {g['mean_time']:.2f} |")
+        if g["tasks"]:
+            lines.append(f"| {name} | {verdict(g, 'below_lora')} | {100 * g['mean_share_where_full_leads']:.0f}% | "
+                         f"{verdict(g, 'below_best_static', 'best_static')} | {g['mean_time']:.2f} |")
+    unmeasured = [name for name, g in report.items() if not g["tasks"]]
+    if unmeasured:
+        lines += ["", f"no rows on this split: {', '.join(unmeasured)}"]
     return "\n".join(lines)
 
 
