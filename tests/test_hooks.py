@@ -1,9 +1,10 @@
 """Statistics hooks: armed only on requested steps, exact against autograd, removable."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from adaptopt import AdaptiveOptimizer, Mode, Policy
+from adaptopt import AdaptiveOptimizer, Hybrid, Mode, Policy
 from adaptopt.training.layer_stats import StatsCollector
 from tests.tiny_models import tiny_bert, token_batch
 
@@ -98,3 +99,18 @@ def test_evaluation_passes_while_armed_are_not_counted():
     model(input_ids=token_batch(seed=3), labels=LABELS).loss.backward()
     assert all(collector.stats[n].batches == 2 for n in opt.layers)
     collector.disarm()
+
+
+@pytest.mark.parametrize("moves", [[Mode.FULL], [Mode.FULL, Mode.LORA]])
+def test_a_layer_moved_by_hand_while_scoring_is_scored_in_its_new_mode(moves):
+    """A manual transition replaces the tensors the cheap score hooks (new factors, a weight that now
+    trains); the next scored step must read the new ones, or the decision finds the layer unscored."""
+    torch.manual_seed(0)
+    model = tiny_bert().train()
+    opt = AdaptiveOptimizer(model, lr=1e-3, rank=2, policy=Hybrid(calibration_steps=1, freeze_prefix=0))
+    layer = next(iter(opt.layers))
+    for mode in moves:
+        opt.apply({layer: mode})
+    model(input_ids=token_batch(), labels=LABELS).loss.backward()
+    opt.step()  # the decision: it needs every layer's score
+    assert opt.scores[layer]["grad_norm"] > 0

@@ -20,7 +20,7 @@ def step(model, opt, seed=0):
 def test_b_trains_at_the_ratio_and_a_at_lora_lr_by_an_adamw_computed_apart():
     torch.manual_seed(0)
     model = tiny_llama()
-    opt = AdaptiveOptimizer(model, lr=1e-3, lora_lr=1e-2, lora_plus_ratio=16, rank=2)
+    opt = AdaptiveOptimizer(model, lr=1e-3, lora_lr=1e-2, lora_plus_ratio=16, rank=2, policy="lora")
     step(model, opt)  # B leaves zero: its gradient is no longer degenerate
     reference = copy.deepcopy(model)
     layer = next(iter(opt.layers))

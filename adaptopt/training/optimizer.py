@@ -346,6 +346,9 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         """Apply decisions by hand (``{"layer name": Mode.FULL}`` or :class:`LayerDecision`)."""
         self._apply({k: v if isinstance(v, LayerDecision) else LayerDecision(Mode.coerce(v))
                      for k, v in decisions.items()}, reason="manual")
+        if self.collector.armed:  # the score hooks sit on the tensors a layer had: hook its new ones
+            self.collector.disarm()
+            self._arm_for(self.step_count + 1)
 
     def _apply(self, decisions: Mapping[str, LayerDecision], reason: str) -> None:
         """Carry decisions out (:func:`~adaptopt.training.transitions.apply_decisions`), log them, and
