@@ -26,6 +26,7 @@ from adaptopt.cli.suite import (
     task_summary,
     twin_method,
 )
+from adaptopt.cli.suite import write_suite as report_suite
 from tests.test_cli import tiny  # noqa: F401  (the fixture: a tiny BERT folder and a CSV)
 
 yaml = pytest.importorskip("yaml")
@@ -165,7 +166,7 @@ def made_up_rows():
     return rows
 
 
-def test_the_table_and_the_goals_follow_their_definitions():
+def test_the_table_and_the_goals_follow_their_definitions(tmp_path):
     rows = made_up_rows()
     summary = task_summary([r for r in rows if r["task"] == "a"])
     assert math.isclose(summary["m"]["share"], 0.8) and math.isclose(summary["m"]["time"], 0.9)
@@ -183,6 +184,22 @@ def test_the_table_and_the_goals_follow_their_definitions():
     shown = goals_table({"m": g, "unrun": goals(rows, "unrun", ["m"], {"accuracy": 0.02})})
     assert "| m | yes | 80% | no: a (vs topk) | 0.90 |" in shown  # the failing task is named
     assert "| unrun |" not in shown and "no rows on this split: unrun" in shown  # no 'yes' for what never ran
+    wide = [{**r, "method": "wide", "accuracy": 0.80 + (0.05 if r["seed"] == 1 else -0.02)}
+            for r in rows if r["method"] == "topk"]  # better than topk by mean, interval too wide to beat m
+    with_wide = goals(rows + wide, "m", ["m"], {"accuracy": 0.02})["tasks"]["a"]
+    assert with_wide["below_best_static"] and with_wide["best_static"] == "topk"  # topk's narrow lead still counts
+    only_b = [r for r in rows if r["method"] != "topk" or r["task"] == "b"]
+    partial = goals(only_b, "topk", ["m", "topk"], {"accuracy": 0.02})
+    assert partial["missing"] == ["a"]
+    shown = goals_table({"topk": partial})
+    assert "| topk (no rows on a) | no: b | – (Full leads clearly on none of its tasks) |" in shown
+    with pytest.raises(ConfigError, match="topk on a"):  # a share over fewer tasks is not comparable
+        choose_default(only_b, ["m", "topk"], {"accuracy": 0.02})
+    suite = {"name": "s", "output_dir": str(tmp_path / "out"), "candidates": ["m", "topk"], "default": "m",
+             "clear_lead": {"accuracy": 0.02}}
+    with pytest.raises(ConfigError, match="topk on a"):
+        report_suite(only_b, suite, "validation", choose=True)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_bad_suite_files_are_refused_by_name(tiny, tmp_path):  # noqa: F811

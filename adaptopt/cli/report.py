@@ -213,26 +213,29 @@ def plot_compare(summary: Sequence[Mapping[str, Any]], path: Path) -> Path:
 def plot_pareto(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """The metric against training time and against peak memory, one point per method with 95%
     intervals over seeds as error bars, and the straight line from LoRA to Full: a method pays
-    where it sits above that line (below, for perplexity) beyond its interval."""
+    where it sits above that line (below, for perplexity) beyond its interval. Points carry
+    numbers, named in one key beside the plots (names at the points overlap where methods cluster)."""
     from .paired import by_seed, interval, line_gap, pays, reference
     plt = _pyplot()
     metric = next(k for k in ("accuracy", "perplexity", "loss") if k in rows[0])
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lora, full = reference(methods, "lora"), reference(methods, "full")
     values = by_seed(rows, metric)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.2))
+    paid: dict[str, list[str]] = {m: [] for m in methods}
     for ax, cost, label in ((axes[0], "wall_time_s", "training time (s)"), (axes[1], "peak_rss_mb", "peak RSS (MB)")):
         costs = by_seed(rows, cost)
         gaps = line_gap(rows, metric, cost, lora, full) if lora and full else {}
-        for m in methods:
+        for number, m in enumerate(methods, 1):
             y, x = interval(list(values[m].values())), interval(list(costs[m].values()))
             yerr = 0 if y["n"] < 2 else y["hi"] - y["mean"]
             xerr = 0 if x["n"] < 2 else x["hi"] - x["mean"]
             paying = m in gaps and m not in (lora, full) and pays(gaps[m], metric)
+            if paying:
+                paid[m].append("time" if cost == "wall_time_s" else "memory")
             ax.errorbar(x["mean"], y["mean"], xerr=xerr, yerr=yerr, fmt="o", capsize=3,
                         color="tab:green" if paying else "tab:red" if m in (lora, full) else "tab:blue")
-            ax.annotate(m + (" (pays)" if paying else ""), (x["mean"], y["mean"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=7)
+            ax.annotate(str(number), (x["mean"], y["mean"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
         if lora and full:
             xs = [statistics.fmean(costs[m].values()) for m in (lora, full)]
             ys = [statistics.fmean(values[m].values()) for m in (lora, full)]
@@ -240,9 +243,12 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
             ax.legend(fontsize=7)
         ax.set_xlabel(label)
         ax.set_ylabel(metric)
+    key = [f"{i:>2}  {m}" + (f" (pays in {' and '.join(paid[m])})" if paid[m] else "")
+           for i, m in enumerate(methods, 1)]
+    fig.text(0.74, 0.5, "\n".join(key), fontsize=7, va="center", family="monospace")
     fig.suptitle(f"{metric} against cost (mean over {max(len(v) for v in values.values())} paired seeds, "
                  "95% intervals)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.73, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
