@@ -317,7 +317,6 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         decisions = self.policy.decide(self.views(), self.scores, self.step_count, self.steps_per_epoch)
         self._apply(self._agreed(decisions), reason="decision")
         self.collector.reset(window_seed=self.step_count)
-        self.collector.disarm()  # re-armed for the layers' new modes before the next scored step
         return decisions
 
     def _agreed(self, decisions: Mapping[str, LayerDecision]) -> Mapping[str, LayerDecision]:
@@ -346,9 +345,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         """Apply decisions by hand (``{"layer name": Mode.FULL}`` or :class:`LayerDecision`)."""
         self._apply({k: v if isinstance(v, LayerDecision) else LayerDecision(Mode.coerce(v))
                      for k, v in decisions.items()}, reason="manual")
-        if self.collector.armed:  # the score hooks sit on the tensors a layer had: hook its new ones
-            self.collector.disarm()
-            self._arm_for(self.step_count + 1)
+        self._arm_for(self.step_count + 1)
 
     def _apply(self, decisions: Mapping[str, LayerDecision], reason: str) -> None:
         """Carry decisions out (:func:`~adaptopt.training.transitions.apply_decisions`), log them, and
@@ -359,6 +356,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             decisions = within_budget(self.policy.memory_budget, self.views(), decisions, self.policy.method,
                                       initial=reason != "decision")
         records = apply_decisions(self.layers, decisions, self.lr_scales)
+        self.collector.disarm()  # its hooks sit on the tensors the layers had; callers re-arm (_arm_for)
         for record in records:
             self.history.append({"step": self.step_count, "layer": record["layer"], "reason": reason,
                                  **{k: v for k, v in record.items() if k != "layer"},
