@@ -27,6 +27,10 @@ NamePattern = Union[str, Pattern[str]]
 EMBEDDINGS = ("embed_tokens", "word_embeddings", "wte", "wpe", "position_embeddings", "token_type_embeddings",
               "embeddings", "lm_head")
 
+# the dense layers between an encoder and a classifier's head (BERT's pooler, DistilBERT's pre_classifier):
+# Full trains them, PEFT's modules_to_save does not; Hybrid trains them with the head (head_inputs=True)
+HEAD_INPUTS = ("pooler", "pre_classifier")
+
 
 def output_layer(model) -> tuple[str, ...]:
     """Exact patterns for the parameters of the model's output layer (``get_output_embeddings()``:

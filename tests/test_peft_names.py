@@ -14,9 +14,10 @@ def layer_settings(layers):
 
 
 def test_the_optimizer_and_inject_take_pefts_names():
-    ours = AdaptiveOptimizer(tiny_llama(), rank=4, alpha=8, dropout=0.1, targets=["q_proj"], rslora=True)
+    # policy="lora": only the targets (the default Hybrid adds its output adapter on lm_head)
+    ours = AdaptiveOptimizer(tiny_llama(), rank=4, alpha=8, dropout=0.1, targets=["q_proj"], rslora=True, policy="lora")
     peft = AdaptiveOptimizer(tiny_llama(), r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj"],
-                             use_rslora=True)
+                             use_rslora=True, policy="lora")
     assert layer_settings(peft.layers) == layer_settings(ours.layers) and len(ours.layers) == 2
     assert layer_settings(inject_adapters(tiny_llama(), r=3, lora_alpha=5)) == layer_settings(
         inject_adapters(tiny_llama(), rank=3, alpha=5))

@@ -97,6 +97,9 @@ def test_static_twin_plans_from_a_timeline():
         {"step": 3, "modes": ["full", "lora", "lora"]}, {"step": 4, "modes": ["full", "frozen", "lora"]},
         {"step": 5, "modes": ["full", "frozen", "lora"]}]}
     assert static_twin(decisions) == {"0": {"a": "full", "b": "lora", "c": "lora"}, "3": {"b": "frozen"}}
+    # the output adapter is no policy's to decide: not in the plan, and the twin gets one of its own
+    with_head = {**decisions, "layers": ["a", "b", "lm_head"], "output_adapter": "lm_head"}
+    assert static_twin(with_head) == {"0": {"a": "full", "b": "lora"}, "3": {"b": "frozen"}}
 
 
 def test_a_twin_trains_what_its_method_trains_but_spends_no_budget():
@@ -105,6 +108,8 @@ def test_a_twin_trains_what_its_method_trains_but_spends_no_budget():
     plan = {"0": {"a": "full"}}
     assert twin_method(method, plan) == {"lr": 1e-4, "lora": {"r": 8}, "train_embeddings": "output",
                                          "method": "scheduled", "scheduled": {"plan": plan}, "label": "h twin"}
+    assert twin_method({**method, "train_embeddings": None}, plan, output_adapter=True)["train_embeddings"] == \
+        "output_lora"
 
 
 def test_the_default_is_chosen_without_reading_the_test_split(tiny, tmp_path):  # noqa: F811

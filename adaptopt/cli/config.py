@@ -185,7 +185,7 @@ DATA_RULES = {"eval_fraction": ("number", 0, 1, False), "validation_fraction": (
 def _describe(kind: str, low: Any, high: Any, inclusive: bool) -> str:
     what = {"int": "an integer", "int?": "an integer or null", "number": "a number", "number?": "a number or null",
             "bool": "true or false", "steps": "-1 (no limit) or a positive integer",
-            "embeddings": "true, false or output (the output layer only)"}[kind]
+            "embeddings": "true, false, output (the output layer only) or output_lora (an adapter on it)"}[kind]
     if low is not None and high is not None:
         return f"{what} in {'[' if inclusive else '('}{low}, {high}{']' if inclusive else ')'}"
     if low is not None:
@@ -202,7 +202,7 @@ def _check_values(section: dict, rules: Mapping[str, tuple], source: str, key: s
         if kind.endswith("?") and value is None:
             continue
         if kind in ("bool", "embeddings"):
-            ok = isinstance(value, bool) or (kind == "embeddings" and value == "output")
+            ok = isinstance(value, bool) or (kind == "embeddings" and value in ("output", "output_lora"))
         else:
             if isinstance(value, str):
                 try:

@@ -9,7 +9,8 @@ task head plus what their policy chooses (``training.train_other: true`` adds th
 ``trainable: [patterns]``, in ``training`` or a method, adds the parameters those name). A
 section named after the method holds the policy's own arguments (``automode: {u: 6, t: 10}``).
 ``memory_budget`` (a method's, else ``training``'s) is the optimizer's, its activations those of a
-``batch_size × max_length`` step; a method's ``train_embeddings: true | false | output`` is the optimizer's.
+``batch_size × max_length`` step; a method's ``train_embeddings: true | false | output | output_lora``
+is the optimizer's.
 """
 from __future__ import annotations
 

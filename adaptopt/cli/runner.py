@@ -239,7 +239,8 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
               "eval_set": _digest(data.eval_texts, data.eval_labels), "initial_head": head_digest,
               "data_notes": list(data.notes),
               "run_dir": str(run_dir)}
-    decisions = {"layers": list(opt.layers), "history": opt.history, "score_log": opt.score_log,
+    decisions = {"layers": list(opt.layers), "output_adapter": opt.output_adapter, "history": opt.history,
+                 "score_log": opt.score_log,
                  "timeline": timeline.steps, "policy": opt.policy.config()}
     (run_dir / "decisions.json").write_text(json.dumps(decisions, indent=1, default=str))
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))

@@ -85,10 +85,13 @@ def load_suite(path: str | Path, output_dir: str | None = None) -> dict[str, Any
 def static_twin(decisions: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     """The :class:`~adaptopt.Scheduled` plan of a run's static twin, from its ``decisions.json``:
     every layer from step 0 in the mode it trained in at the last step — or, for a layer frozen late
-    (trained, then frozen for good), in the mode it had before, frozen at the same step."""
+    (trained, then frozen for good), in the mode it had before, frozen at the same step. The output
+    adapter, which no policy decides, is not in the plan (:func:`twin_method` keeps it)."""
     layers, steps = decisions["layers"], decisions["timeline"]
     plan: dict[str, dict[str, str]] = {"0": {}}
     for i, name in enumerate(layers):
+        if name == decisions.get("output_adapter"):
+            continue
         modes = [s["modes"][i] for s in steps]
         final = modes[-1]
         if final == "frozen" and any(m != "frozen" for m in modes):
@@ -101,11 +104,19 @@ def static_twin(decisions: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     return plan
 
 
-def twin_method(method: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, Any]:
+def twin_method(method: Mapping[str, Any], plan: Mapping[str, Any], output_adapter: bool = False,
+                policy_extra: Sequence[str] = ()) -> dict[str, Any]:
     """The method config that runs ``plan`` with ``method``'s learning rates, LoRA settings and
-    trained extras (``train_embeddings``); not its budget (the plan already kept to it)."""
+    trained extras (``train_embeddings``, ``trainable``), and what its policy trained besides the
+    layers it decided: the output adapter (``output_adapter``) and the policy's own trainable
+    patterns (``policy_extra``, e.g. Hybrid's ``head_inputs``); not its budget (the plan already kept to it)."""
     twin = {k: copy.deepcopy(v) for k, v in method.items() if k in ("lr", "lora_lr", "lora", "train_other",
                                                                         "trainable", "train_embeddings")}
+    if output_adapter:
+        twin["train_embeddings"] = "output_lora"
+    if policy_extra:
+        twin["trainable"] = list(twin.get("trainable") or []) + [p for p in policy_extra
+                                                                 if p not in (twin.get("trainable") or [])]
     return {**twin, "method": "scheduled", "scheduled": {"plan": dict(plan)}, "label": f"{method['label']} twin"}
 
 
@@ -136,8 +147,10 @@ def run_suite(suite: Mapping[str, Any], split: str = "test", fresh_process: bool
                 raise ConfigError(f"suite: {label} twin: task {task['name']} has no {split} run of {label!r} to "
                                   f"repeat; run it too (--methods {label},{label} twin)")
             for row in adaptive:
+                from adaptopt.policies import build_policy
                 decisions = json.loads((Path(row["run_dir"]) / "decisions.json").read_text())
-                twin = twin_method(by_label[label], static_twin(decisions))
+                twin = twin_method(by_label[label], static_twin(decisions), bool(decisions.get("output_adapter")),
+                                   build_policy(decisions["policy"]).trainable_extra())
                 twin_config = {**task, "methods": [twin], "seeds": [row["seed"]]}
                 task_rows += compare_runs(twin_config, out, split=split, fresh_process=fresh_process)
         ran_pairs = {(r["method"], r["seed"]) for r in task_rows}

@@ -32,6 +32,7 @@ from ..layers.layout import Layout, dtype_name
 from ..layers.lora import LoRALinear, is_quantized_linear, linear_geometry
 from ..layers.sharded import gathered
 from ..surgery.inject import build_layer, find_adapters, require_adapters
+from ..surgery.output_adapter import tied_partner, untie_config, with_own_weight
 from ..surgery.swap import ModuleSwap
 from .atomic_files import folder_lock, remove_stale_temporaries, save_tensors, write_json
 
@@ -45,8 +46,9 @@ FACTOR_NAMES = ("lora_A", "lora_B", "delta")
 
 # --------------------------------------------------------------------------- save_adapters
 def _layer_record(module: LoRALinear) -> dict[str, Any]:
+    source = {"weight_source": module.weight_source} if module.weight_source is not None else {}
     return {**module.layout().to_record(), "in_features": module.in_features, "out_features": module.out_features,
-            "fan_in_fan_out": module.fan_in_fan_out}
+            "fan_in_fan_out": module.fan_in_fan_out, **source}
 
 
 def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -313,7 +315,12 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> dict[str, L
     try:
         built = {}
         for name, record in config["layers"].items():
-            module = _build_layer(name, bases[name], record)
+            base, source = bases[name], record.get("weight_source") if isinstance(record, Mapping) else None
+            if source is not None and tied_partner(model, name) is not None:  # a tied head: its own copy again
+                base = with_own_weight(base)
+                swap.on_undo(untie_config(model))
+            module = _build_layer(name, base, record)
+            module.weight_source = source
             swap.put(name, module, follow_training=True)
             built[name] = module
         params.update(dict(model.named_parameters()))

@@ -27,7 +27,7 @@ from ..layers.lora import LoRALinear
 from ..layers.sharded import gathered
 from ..modes import Mode
 from ..peft_arguments import task_type_of
-from ..surgery.inject import require_adapters
+from ..surgery.inject import output_adapter_target, require_adapters
 from .atomic_files import remove_stale_temporaries, replace_directory, save_tensors, temporary_name, write_json
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -208,6 +208,11 @@ def peft_adapter(model: nn.Module, svd_rank: int | None = None, base_model: Any 
             tensors.update({PEFT_PREFIX + pname: value for pname, value in owned.items()})
         else:
             report.append(_not_carried(owner, owned, originals))
+    head = output_adapter_target(model, required=False)
+    if head in factors:
+        report.append(f"{head}: an adapter on the output layer (AdaptiveOptimizer's output adapter); PEFT applies it, "
+                      "but vLLM refuses LoRA weights on the output layer ('unsupported LoRA weight'): to serve with "
+                      "vLLM, use export_merged")
     task_type = task_type_of(model)
     if extra and not modules_to_save and task_type not in (None, "CAUSAL_LM", "SEQ_2_SEQ_LM"):
         # PEFT reads a classification task_type as "the head is in the adapter" and looks for it there

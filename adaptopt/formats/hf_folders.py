@@ -17,7 +17,9 @@ was merged, as for any state dict: ``layers/state_dict_keys.py``.)
 
 Format ``adaptopt.layers/1``: the tensors under the layers' own parameter names
 (``...q_proj.lora_A``, ``...q_proj.base.weight``), and in the safetensors metadata ``adaptopt`` a
-JSON object: ``format``, ``base_model``, ``base_fingerprints`` (``{key: [Σw, Σw²]}`` in float64).
+JSON object: ``format``, ``base_model``, ``base_fingerprints`` (``{key: [Σw, Σw²]}`` in float64) and
+``base_sources`` (``{key: the base model's key}`` where they differ: a tied output layer's own copy of
+the input embeddings, ``adaptopt/surgery/output_adapter.py``).
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ back from (``name_or_path``); an unchanged, re-readable one is only fingerprinte
     plain = dict(model.state_dict() if state is None else state)
     exact: dict[str, torch.Tensor] = {}
     fingerprints: dict[str, list[float]] = {}
+    sources: dict[str, str] = {}
     base_model = str(getattr(model, "name_or_path", "") or "")
     rereadable = bool(base_model) and os.path.isdir(base_model)  # else W must travel in the sidecar
     for name, layer in find_adapters(model).items():
@@ -67,7 +70,10 @@ back from (``name_or_path``); an unchanged, re-readable one is only fingerprinte
                 exact[base_key] = weight
             else:
                 fingerprints[base_key] = fingerprint(weight)
-    metadata = {"format": FORMAT, "base_model": base_model, "base_fingerprints": fingerprints}
+                if layer.weight_source is not None:  # a tied output layer's copy: read from the embeddings
+                    sources[base_key] = layer.weight_source
+    metadata = {"format": FORMAT, "base_model": base_model, "base_fingerprints": fingerprints,
+                "base_sources": sources}
     return plain, exact, metadata
 
 
@@ -137,7 +143,7 @@ def exact_state_dict(plain: Mapping[str, torch.Tensor], tensors: Mapping[str, to
     problems = []
     full = {**plain, **tensors}
     for key, expected in metadata.get("base_fingerprints", {}).items():
-        plain_key = key.replace(".base.weight", ".weight")
+        plain_key = metadata.get("base_sources", {}).get(key) or key.replace(".base.weight", ".weight")
         try:
             value = original_weight(plain_key)
         except (OSError, KeyError, ValueError) as err:

@@ -118,6 +118,8 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.adapters_disabled = False
         self.target = None  # TargetInfo, filled in by inject_adapters
+        # a tied output layer's own copy: the parameter the weight was copied from (surgery/output_adapter.py)
+        self.weight_source: str | None = None
         self._mode = Mode.FROZEN
         sync_layer_requires_grad(self)
         self.set_mode(mode)

@@ -194,6 +194,10 @@ class Policy:
         """True if the policy counts in epochs, so the optimizer needs ``steps_per_epoch``."""
         return False
 
+    # whether, unless AdaptiveOptimizer(train_embeddings=) says otherwise, the output layer gets an adapter
+    # that trains all run outside the policy's decisions (adaptopt/surgery/output_adapter.py)
+    adapts_output_layer = False
+
     def trainable_extra(self) -> tuple[str, ...]:
         """Name patterns of non-target parameters this policy trains (e.g. BitFit's biases)."""
         return ()

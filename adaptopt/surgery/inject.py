@@ -32,6 +32,7 @@ from ..layers.quant import QuantConfig, QuantLoRALinear
 from ..modes import Mode
 from ..name_patterns import matcher
 from ..peft_arguments import accepts_peft_names
+from .output_adapter import output_layer_name, tied_partner, untie_config, with_own_weight
 from .swap import ModuleSwap
 
 Targets = Union[str, Pattern[str], Iterable[str]]
@@ -177,6 +178,16 @@ def select_targets(model: nn.Module, targets: Targets = "auto") -> list[str]:
     return chosen
 
 
+def output_adapter_target(model: nn.Module, required: bool) -> str | None:
+    """The name of the output layer an output adapter goes on; ``None`` when the model has none
+    (a classifier), or a ``ValueError`` if ``required``."""
+    name = output_layer_name(model, _is_linear_like)
+    if name is None and required:
+        raise ValueError(f"{type(model).__name__} has no linear output layer (get_output_embeddings() is None): "
+                         "train_embeddings='output_lora' is for language models; a classifier's head trains anyway")
+    return name
+
+
 def _refuse_tied(model: nn.Module, chosen: list[str]) -> None:
     """A target whose weight is shared with another module (a tied ``lm_head`` and input
     embedding) cannot be adapted: folding an update into it would move the other module too."""
@@ -191,36 +202,46 @@ def _refuse_tied(model: nn.Module, chosen: list[str]) -> None:
             raise ValueError(
                 f"target {name!r} shares its weight with {others[0]!r} (tied weights, e.g. "
                 "tie_word_embeddings=True): a LoRA merge or a FULL move would change both. Leave "
-                f"{name!r} out of targets, or untie it first (model.config.tie_word_embeddings = False; "
-                f"{name}.weight = nn.Parameter({name}.weight.detach().clone()))")
+                f"{name!r} out of targets and pass AdaptiveOptimizer(train_embeddings='output_lora') (an "
+                "adapter on the output layer, over its own copy of the weight), or untie it first "
+                f"(model.config.tie_word_embeddings = False; {name}.weight = "
+                f"nn.Parameter({name}.weight.detach().clone()))")
 
 
 @accepts_peft_names
 def inject_adapters(model: nn.Module, targets: Targets = "auto", rank: int = 8, alpha: float = 16.0, *,
                     dropout: float = 0.0, rslora: bool = False, mode: Mode | str = Mode.LORA,
                     quantize: QuantConfig | str | Mapping[str, Any] | None = None,
-                    init: str = "default") -> dict[str, LoRALinear]:
+                    init: str = "default", output_adapter: bool = False) -> dict[str, LoRALinear]:
     """Swap ``model``'s target layers for :class:`LoRALinear` (or :class:`QuantLoRALinear` with
     ``quantize="nf4"|"fp4"|{...}``), in place, and return them by module name.
 
     Right after injection (``mode=LORA``, ``B = 0``) the model computes exactly what it did
     (with ``quantize``, up to the 4-bit rounding of the base weights). ``init="pissa"`` starts
     every adapter from its weight's principal part instead (the function is unchanged too).
+    ``output_adapter=True`` adapts a language model's output layer too, as the optimizer's output
+    adapter (over its own copy of a tied weight; never 4-bit): for adapters injected before
+    ``fully_shard``, where the optimizer finds them in place (docs/optimizer.md, "The output layer").
 
     Raises ``ValueError`` for no matching targets, rank ≤ 0, alpha ≤ 0 or an unknown quant
     type, and ``ImportError`` when bitsandbytes is needed but missing; on any error the
     model is left exactly as it was.
     """
+    head = output_adapter_target(model, required=True) if output_adapter else None
     return inject_with_undo(model, targets, rank, alpha, dropout=dropout, rslora=rslora, mode=mode,
-                            quantize=quantize, init=init)[0]
+                            quantize=quantize, init=init, output_adapter=head)[0]
 
 
 def inject_with_undo(model: nn.Module, targets: Targets = "auto", rank: int = 8, alpha: float = 16.0, *,
                      dropout: float = 0.0, rslora: bool = False, mode: Mode | str = Mode.LORA,
-                     quantize: QuantConfig | str | Mapping[str, Any] | None = None, init: str = "default"
-                     ) -> tuple[dict[str, LoRALinear], ModuleSwap]:
+                     quantize: QuantConfig | str | Mapping[str, Any] | None = None, init: str = "default",
+                     output_adapter: str | None = None) -> tuple[dict[str, LoRALinear], ModuleSwap]:
     """:func:`inject_adapters`, also returning the :class:`~adaptopt.surgery.swap.ModuleSwap` whose
-    ``undo()`` takes the adapters back out (the optimizer's constructor rolls back with it)."""
+    ``undo()`` takes the adapters back out (the optimizer's constructor rolls back with it).
+
+    ``output_adapter``: the output layer's name (:func:`output_adapter_target`), adapted too — in
+    LORA whatever ``mode`` says, never 4-bit, and over its own copy of the weight when it is tied
+    (:mod:`adaptopt.surgery.output_adapter`)."""
     check_rank_alpha(rank, alpha)
     mode = Mode.coerce(mode)
     init = check_init(init)
@@ -233,6 +254,9 @@ def inject_with_undo(model: nn.Module, targets: Targets = "auto", rank: int = 8,
                          "use adaptopt.find_adapters(model) to get them, or inject into a fresh model")
     quant = None if quantize is None else QuantConfig.coerce(quantize)
     names = select_targets(model, targets)
+    if output_adapter is not None and output_adapter not in names:
+        names.append(output_adapter)
+    tied_to = tied_partner(model, output_adapter) if output_adapter is not None else None
     if quant is not None:
         from .._imports import require
         require("bitsandbytes", extra="quant")
@@ -240,21 +264,27 @@ def inject_with_undo(model: nn.Module, targets: Targets = "auto", rank: int = 8,
     swap = ModuleSwap(model)
     wrapped: dict[str, LoRALinear] = {}
     try:
+        modes = {name: Mode.LORA if name == output_adapter else mode for name in names}  # the output adapter: LoRA
         for name in names:
             base = modules[name]
-            if quant is not None or is_quantized_linear(base):
-                module = QuantLoRALinear(base, rank, alpha, dropout, rslora, mode=mode,
+            if name == output_adapter and tied_to is not None:
+                base = with_own_weight(base)
+            if (quant is not None and name != output_adapter) or is_quantized_linear(base):
+                module = QuantLoRALinear(base, rank, alpha, dropout, rslora, mode=modes[name],
                                          quantize=quant or QuantConfig(), init=init)
             else:  # PiSSA rewrites the base weight: only once every layer is built and swapped in
                 module = LoRALinear(base, rank, alpha, dropout, rslora, init=init,
-                                    mode=Mode.FROZEN if init == "pissa" else mode)
+                                    mode=Mode.FROZEN if init == "pissa" else modes[name])
             module.target = TargetInfo.from_name(name)
             wrapped[name] = module
         for name, module in wrapped.items():
             swap.put(name, module)
+        if tied_to is not None:
+            wrapped[output_adapter].weight_source = tied_to
+            swap.on_undo(untie_config(model))
         if init == "pissa":
-            for module in wrapped.values():
-                module.set_mode(mode)
+            for name, module in wrapped.items():
+                module.set_mode(modes[name])
     except BaseException:
         swap.undo()
         raise

@@ -10,7 +10,7 @@ Injection, loading adapters, ``merge_and_unload`` and the optimizer's constructo
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ class ModuleSwap:
         self.marks = capture_marks(model)
         self._modules = dict(model.named_modules())
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
+        self._undo_steps: list[Callable[[], None]] = []
 
     def put(self, name: str, module: nn.Module, follow_training: bool = False) -> None:
         parent_name, _, child = name.rpartition(".")
@@ -44,7 +45,14 @@ class ModuleSwap:
             module.train(parent.training)
         setattr(parent, child, module)
 
+    def on_undo(self, step: Callable[[], None]) -> None:
+        """Also run ``step`` on :meth:`undo` (before the modules go back), e.g. a config flag's restore."""
+        self._undo_steps.append(step)
+
     def undo(self) -> None:
+        for step in reversed(self._undo_steps):
+            step()
+        self._undo_steps.clear()
         for parent, child, original in reversed(self._replaced):
             setattr(parent, child, original)
         self._replaced.clear()

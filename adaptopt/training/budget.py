@@ -105,8 +105,9 @@ def assignment_cost(model: nn.Module, layers: Mapping[str, LoRALinear], rules: T
                     weight_offset: int = 0) -> Callable[[Mapping[str, tuple[Mode, int]]], int]:
     """``modes → C`` (the module docstring); ``weight_offset`` corrects ``W`` (the estimator's 4-bit
     bases, built plain on the meta device)."""
-    def cost(modes: Mapping[str, tuple[Mode, int]]) -> int:
-        states = state_bytes(model, layers, rules, layouts_for(layers, modes))
+    def cost(modes: Mapping[str, tuple[Mode, int]]) -> int:  # a layer not in ``modes`` (the output adapter) as it is
+        layouts = {**{name: m.layout() for name, m in layers.items()}, **layouts_for(layers, modes)}
+        states = state_bytes(model, layers, rules, layouts)
         return peak_bytes(states.weights + weight_offset, states.gradients, activations, states.transient)
     return cost
 

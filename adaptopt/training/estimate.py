@@ -2,7 +2,8 @@ r"""How much memory a fine-tune needs, per policy, before renting the GPU (docs/
 
 :func:`estimate_memory` builds nothing real: the model may live on the ``meta`` device (an 8B
 config costs no memory). For a policy it takes the assignment where the policy trains the most
-(:meth:`Policy.peak_assignment` — Hybrid's FULL blocks, LISA's sampled ones, ...) and adds up
+(:meth:`Policy.peak_assignment` — Hybrid's FULL blocks, LISA's sampled ones, ...; Hybrid's output
+adapter, and a tied head's own copy of the weight, with them) and adds up
 
 .. math::  M = W + O + \max(A + L,\ G + g)
 
@@ -43,7 +44,7 @@ from torch import nn
 from ..layers.quant_config import QuantConfig
 from ..layers.trainable_flags import train_exactly
 from ..policies import build_policy
-from ..surgery.inject import DEFAULT_ALPHA, DEFAULT_RANK, inject_adapters
+from ..surgery.inject import DEFAULT_ALPHA, DEFAULT_RANK, inject_with_undo, output_adapter_target
 from .arguments import TASK_HEADS
 from .budget import MemoryBudget, resolve_budget
 from .memory import layouts_for, meta_copy, peak_bytes, saved_activation_bytes, state_bytes, traced_activations
@@ -100,12 +101,16 @@ def estimate_memory(model: nn.Module, policy: Any = "hybrid", batch_size: int = 
         meta = meta.to(dtype)
     if gradient_checkpointing and callable(getattr(meta, "gradient_checkpointing_enable", None)):
         meta.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = inject_adapters(meta, targets, rank, alpha, mode="frozen")  # 4-bit bases are counted, not built
+    head = output_adapter_target(meta, required=False) if policy.adapts_output_layer else None
+    # 4-bit bases are counted, not built; the output adapter is LoRA all run
+    layers, _ = inject_with_undo(meta, targets, rank, alpha, mode="frozen", output_adapter=head)
     quant = quantize if quantize is not None else policy.quantize
     four_bit = 0
     if quant is not None:  # NF4/FP4: half a byte per element and an fp32 constant per block
         blocksize = QuantConfig.coerce(quant).blocksize
-        for layer in layers.values():
+        for name, layer in layers.items():
+            if name == head:  # the output adapter's base stays dense
+                continue
             w = layer.base.weight
             four_bit += w.numel() // 2 + 4 * (w.numel() // blocksize) - w.numel() * w.element_size()
     user_rules = TrainRules(False, tuple(trainable), ())
@@ -115,7 +120,8 @@ def estimate_memory(model: nn.Module, policy: Any = "hybrid", batch_size: int = 
         step = (spec.batch_size, spec.seq_len) if spec.batch_size is not None else (batch_size, seq_len)
         policy.memory_budget, _ = resolve_budget(spec, meta, layers, rules, user_rules,
                                                  traced_activations(meta, layers, *step), four_bit)
-    decisions = policy.peak_assignment(layer_views(layers, dict.fromkeys(layers, 1.0)))
+    decided = {name: m for name, m in layers.items() if name != head}  # the output adapter: LoRA all run
+    decisions = policy.peak_assignment(layer_views(decided, dict.fromkeys(decided, 1.0)))
     layouts = layouts_for(layers, {name: (d.mode, d.rank or rank) for name, d in decisions.items()})
     layouts = {name: layouts.get(name, m.layout()) for name, m in layers.items()}
     for name, layer in layers.items():

@@ -31,7 +31,15 @@ from ..name_patterns import EMBEDDINGS, output_layer
 from ..peft_arguments import accepts_peft_names, peft_trainable
 from ..policies import DEFAULT_POLICY, LayerDecision, LayerView, Policy, build_policy
 from ..policies.base import check_positive_int
-from ..surgery.inject import DEFAULT_ALPHA, DEFAULT_RANK, Targets, find_adapters, inject_with_undo, warn_if_rewrapped
+from ..surgery.inject import (
+    DEFAULT_ALPHA,
+    DEFAULT_RANK,
+    Targets,
+    find_adapters,
+    inject_with_undo,
+    output_adapter_target,
+    warn_if_rewrapped,
+)
 from ..surgery.swap import RestorePoint
 from .arguments import TASK_HEADS, check_arguments, refuse_deepspeed
 from .budget import resolve_budget, within_budget
@@ -94,7 +102,10 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         train_embeddings: whether the input embeddings and the output layer train, for any policy
             (:data:`adaptopt.name_patterns.EMBEDDINGS`); ``"output"``: the output layer only (a language
             model's head — tied models share it with the input embeddings; a classifier's head trains
-            anyway); ``None`` (default): as the policy says (LISA and Full: yes; the others: no).
+            anyway); ``"output_lora"``: a LoRA adapter (at ``rank``) on the output layer for the whole run,
+            which the policy does not decide (a tied head gets its own copy of the weight first:
+            :mod:`adaptopt.surgery.output_adapter`); ``None`` (default): as the policy says (LISA and
+            Full: both train; Hybrid: the output adapter; the others: neither).
         **adamw_kwargs: passed to ``torch.optim.AdamW`` (``betas``, ``eps``, ``weight_decay``,
             ``foreach`` defaults to True, ...).
 
@@ -117,9 +128,9 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         lora_lr, self.lora_plus_ratio = check_arguments(lr, lora_lr, lora_plus_ratio, nonfinite, steps_per_epoch,
                                                         total_steps, adamw_kwargs, own)
         peft_trainable(model, [], bias, modules_to_save, task_type)  # checked before anything changes
-        if train_embeddings not in (None, True, False, "output"):
-            raise ValueError(f"train_embeddings is True, False, 'output' (the output layer only) or None (the "
-                             f"policy's choice), got {train_embeddings!r}")
+        if train_embeddings not in (None, True, False, "output", "output_lora"):
+            raise ValueError(f"train_embeddings is True, False, 'output' (the output layer only), 'output_lora' (an "
+                             f"adapter on it) or None (the policy's choice), got {train_embeddings!r}")
         refuse_deepspeed(model)
         adamw_kwargs.setdefault("foreach", True)
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr, **adamw_kwargs)  # validates betas, eps, ...
@@ -131,6 +142,9 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         existing = find_adapters(model)
         restore, swap = RestorePoint(model, existing), None
         try:
+            adapt_output = train_embeddings == "output_lora" or (train_embeddings is None
+                                                                  and self.policy.adapts_output_layer)
+            head = output_adapter_target(model, required=train_embeddings == "output_lora") if adapt_output else None
             if existing:
                 warn_if_rewrapped(existing, rank, alpha)
                 self.layers: dict[str, LoRALinear] = existing
@@ -138,9 +152,11 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                 self.layers, swap = inject_with_undo(
                     model, targets, DEFAULT_RANK if rank is None else rank, DEFAULT_ALPHA if alpha is None else alpha,
                     dropout=dropout, rslora=rslora, quantize=quantize if quantize is not None else self.policy.quantize,
-                    init=init)
+                    init=init, output_adapter=head)
+            # the output adapter trains all run, never shown to the policy (docs/optimizer.md, "The output layer")
+            self.output_adapter = head if head in self.layers else None
             user = tuple(trainable) + tuple(peft_trainable(model, list(self.layers), bias, modules_to_save))
-            if train_embeddings:
+            if train_embeddings and train_embeddings != "output_lora":
                 user += output_layer(model) if train_embeddings == "output" else EMBEDDINGS
             frozen = tuple(frozen) + (EMBEDDINGS if train_embeddings is False else ())
             rules = TrainRules(bool(train_other), user + tuple(self.policy.trainable_extra()), frozen)
@@ -242,8 +258,9 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ views
     def views(self) -> dict[str, LayerView]:
-        """What a policy sees of each layer (:func:`~adaptopt.training.policy_inputs.layer_views`)."""
-        return layer_views(self.layers, self.lr_scales)
+        """What a policy sees of each layer (:func:`~adaptopt.training.policy_inputs.layer_views`): every
+        layer but the output adapter."""
+        return layer_views({n: m for n, m in self.layers.items() if n != self.output_adapter}, self.lr_scales)
 
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
