@@ -199,3 +199,14 @@ def test_saved_and_exported_models_load_untied_and_exact(tmp_path, capsys):
     train(head_only, opt, x, 2)
     export_peft(head_only, tmp_path / "peft")
     assert "vLLM refuses LoRA weights on the output layer" in capsys.readouterr().out
+
+
+def test_the_estimate_counts_the_output_adapter_and_the_tied_heads_copy():
+    from adaptopt import estimate_memory
+    without = estimate_memory(tied_llama(), {"method": "hybrid", "output_lora": False}, 2, 8, rank=4)
+    with_head = estimate_memory(tied_llama(), "hybrid", 2, 8, rank=4)
+    copy_bytes = VOCAB * 16 * 4  # vocab × hidden, float32: weights only
+    factors = 4 * (VOCAB + 16)  # A (r × hidden) and B (vocab × r), trained
+    assert with_head.weights - without.weights == copy_bytes + 4 * factors
+    assert with_head.trained_elements - without.trained_elements == factors
+    assert with_head.gradients - without.gradients == 4 * factors
