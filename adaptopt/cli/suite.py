@@ -140,6 +140,7 @@ def run_suite(suite: Mapping[str, Any], split: str = "test", fresh_process: bool
         saved = out / f"rows-{split}.json"
         kept = json.loads(saved.read_text()) if methods and saved.is_file() else []
         by_label = {m["label"]: m for m in task["methods"]}
+        from adaptopt.policies import build_policy  # the twins' policies (torch only once twins run)
         for label in [t for t in suite["twins"] if (f"{t} twin" in methods if methods else t in by_label)]:
             ran = task_rows if any(r["method"] == label for r in task_rows) else kept
             adaptive = [r for r in ran if r["method"] == label and r["seed"] in task["seeds"]]
@@ -147,7 +148,6 @@ def run_suite(suite: Mapping[str, Any], split: str = "test", fresh_process: bool
                 raise ConfigError(f"suite: {label} twin: task {task['name']} has no {split} run of {label!r} to "
                                   f"repeat; run it too (--methods {label},{label} twin)")
             for row in adaptive:
-                from adaptopt.policies import build_policy
                 decisions = json.loads((Path(row["run_dir"]) / "decisions.json").read_text())
                 twin = twin_method(by_label[label], static_twin(decisions), bool(decisions.get("output_adapter")),
                                    build_policy(decisions["policy"]).trainable_extra())

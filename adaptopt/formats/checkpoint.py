@@ -32,7 +32,7 @@ from ..layers.layout import Layout, dtype_name
 from ..layers.lora import LoRALinear, is_quantized_linear, linear_geometry
 from ..layers.sharded import gathered
 from ..surgery.inject import build_layer, find_adapters, require_adapters
-from ..surgery.output_adapter import tied_partner, untie_config, with_own_weight
+from ..surgery.output_adapter import tied_partners, untie_config, with_own_weight
 from ..surgery.swap import ModuleSwap
 from .atomic_files import folder_lock, remove_stale_temporaries, save_tensors, write_json
 
@@ -313,10 +313,10 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> dict[str, L
     swap = ModuleSwap(model)
     snapshots: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
-        built = {}
+        built, partner = {}, tied_partners(model)
         for name, record in config["layers"].items():
             base, source = bases[name], record.get("weight_source") if isinstance(record, Mapping) else None
-            if source is not None and tied_partner(model, name) is not None:  # a tied head: its own copy again
+            if source is not None and partner(name) is not None:  # a tied head: its own copy again
                 base = with_own_weight(base)
                 swap.on_undo(untie_config(model))
             module = _build_layer(name, base, record)

@@ -32,7 +32,7 @@ from ..layers.quant import QuantConfig, QuantLoRALinear
 from ..modes import Mode
 from ..name_patterns import matcher
 from ..peft_arguments import accepts_peft_names
-from .output_adapter import output_layer_name, tied_partner, untie_config, with_own_weight
+from .output_adapter import output_layer_name, tied_partners, untie_config, with_own_weight
 from .swap import ModuleSwap
 
 Targets = Union[str, Pattern[str], Iterable[str]]
@@ -191,16 +191,12 @@ def output_adapter_target(model: nn.Module, required: bool) -> str | None:
 def _refuse_tied(model: nn.Module, chosen: list[str]) -> None:
     """A target whose weight is shared with another module (a tied ``lm_head`` and input
     embedding) cannot be adapted: folding an update into it would move the other module too."""
-    owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
-    modules = dict(model.named_modules())
+    partner = tied_partners(model)
     for name in chosen:
-        weight = modules[name].weight
-        others = [n for n in owners.get(id(weight), []) if not n.startswith(name + ".")]
-        if others:
+        other = partner(name)
+        if other is not None:
             raise ValueError(
-                f"target {name!r} shares its weight with {others[0]!r} (tied weights, e.g. "
+                f"target {name!r} shares its weight with {other!r} (tied weights, e.g. "
                 "tie_word_embeddings=True): a LoRA merge or a FULL move would change both. Leave "
                 f"{name!r} out of targets and pass AdaptiveOptimizer(train_embeddings='output_lora') (an "
                 "adapter on the output layer, over its own copy of the weight), or untie it first "
@@ -256,7 +252,7 @@ def inject_with_undo(model: nn.Module, targets: Targets = "auto", rank: int = 8,
     names = select_targets(model, targets)
     if output_adapter is not None and output_adapter not in names:
         names.append(output_adapter)
-    tied_to = tied_partner(model, output_adapter) if output_adapter is not None else None
+    tied_to = tied_partners(model)(output_adapter) if output_adapter is not None else None
     if quant is not None:
         from .._imports import require
         require("bitsandbytes", extra="quant")

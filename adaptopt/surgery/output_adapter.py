@@ -33,11 +33,17 @@ def output_layer_name(model: nn.Module, linear_like: Callable[[nn.Module], bool]
     return next((name for name, m in model.named_modules() if m is head and name), None)
 
 
-def tied_partner(model: nn.Module, name: str) -> str | None:
-    """The name of another parameter that *is* ``name``'s weight (a tied input embedding), or ``None``."""
-    weight = model.get_submodule(name).weight
-    return next((n for n, p in model.named_parameters(remove_duplicate=False)
-                 if p is weight and not n.startswith(name + ".")), None)
+def tied_partners(model: nn.Module) -> Callable[[str], str | None]:
+    """``name → `` the name of another parameter that *is* module ``name``'s weight (a tied input
+    embedding), or ``None``; the model's parameters are listed once, for any number of names."""
+    owners: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(n)
+
+    def partner(name: str) -> str | None:
+        weight = model.get_submodule(name).weight
+        return next((n for n in owners.get(id(weight), []) if not n.startswith(name + ".")), None)
+    return partner
 
 
 def with_own_weight(module: nn.Module) -> nn.Module:
