@@ -115,8 +115,7 @@ def twin_method(method: Mapping[str, Any], plan: Mapping[str, Any], output_adapt
     if output_adapter:
         twin["train_embeddings"] = "output_lora"
     if policy_extra:
-        twin["trainable"] = list(twin.get("trainable") or []) + [p for p in policy_extra
-                                                                 if p not in (twin.get("trainable") or [])]
+        twin["trainable"] = list(dict.fromkeys([*(twin.get("trainable") or ()), *policy_extra]))
     return {**twin, "method": "scheduled", "scheduled": {"plan": dict(plan)}, "label": f"{method['label']} twin"}
 
 
