@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from transformers import TrainerCallback
 from transformers.utils import logging
@@ -44,6 +44,7 @@ from adaptopt import AdaptiveOptimizer, Mode, find_adapters
 from adaptopt.formats.hf_folders import SIDECAR, exact_state_dict, read_sidecar, save_plainly
 from adaptopt.layers.sharded import is_sharded
 from adaptopt.training.distributed import ReplicatedGradients, active_group
+from adaptopt.training.scoring_pass import kept_rng, why_no_scoring_pass
 
 # A child of the library's logger: transformers.logging.set_verbosity_info() and
 # TrainingArguments(log_level="info") show the transitions, through transformers' own handler.
@@ -192,6 +193,45 @@ def state_summary(opt: AdaptiveOptimizer) -> dict[str, Any]:
             "history": opt.history}
 
 
+class _NoLoss(Exception):
+    pass
+
+
+def score_first_batch(opt: AdaptiveOptimizer, model: Any, train_dataloader: Any) -> bool:
+    """The scoring pass (:meth:`AdaptiveOptimizer.score_before_training`) on the first training batch,
+    when the policy decides from one batch. The batch is read from the torch ``DataLoader`` under
+    accelerate's wrapper (which reads ahead and tracks its own position), the random states kept, so
+    the Trainer's data order is the same as without the pass; the model runs in training mode, as in
+    a step, and returns to its mode. Where no pass can run — another policy, a resumed run,
+    ``torch.distributed``, a batch or model without a loss — nothing happens and the policy decides
+    after the first step. Returns whether the pass decided."""
+    if model is None or train_dataloader is None or why_no_scoring_pass(opt) is not None:
+        return False
+    import torch
+    loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
+    with kept_rng():
+        batch = next(iter(loader), None)
+    if not isinstance(batch, Mapping):
+        return False
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def closure() -> None:
+        output = model(**batch)
+        loss = output.get("loss") if isinstance(output, Mapping) else None
+        if loss is None:
+            raise _NoLoss
+        loss.backward()
+    was_training = model.training
+    model.train()
+    try:
+        return opt.score_before_training(closure)
+    except _NoLoss:
+        return False
+    finally:
+        model.train(was_training)
+
+
 class AdaptoptCallback(TrainerCallback):
     """Connects an :class:`AdaptiveOptimizer` passed to the Trainer with the Trainer's loop.
 
@@ -231,6 +271,8 @@ class AdaptoptCallback(TrainerCallback):
                            f"{state.global_step} (skipped non-finite steps, or a resume without optimizer.pt); "
                            "epoch-based decisions follow the optimizer's count")
         self._logged = len(opt.history)
+        if state.global_step == 0:  # its decision is logged with the first step's
+            score_first_batch(opt, kwargs.get("model"), kwargs.get("train_dataloader"))
         logger.info(f"adaptopt: {opt.steps_per_epoch} optimizer steps per epoch, policy {opt.policy.method!r}")
 
     def _keep_ranks_together(self, opt: AdaptiveOptimizer) -> None:

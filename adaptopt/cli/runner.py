@@ -125,14 +125,20 @@ def evaluate(model: Any, rows: list[dict[str, Any]], data: TextData, tokenizer: 
 class Timeline:
     """A TrainerCallback recording, before each optimizer step, what trains in it: the trainable
     parameters and every layer's mode. Its last record is what trained at the end of the run (a
-    decision at the run's last step changes modes that never train, and is reported as such)."""
+    decision at the run's last step changes modes that never train, and is reported as such). At
+    the start of training it empties ``recording``'s list: the fingerprinted batches are the
+    training order, not the scoring pass's read of the first batch."""
 
-    def __init__(self, opt: Any) -> None:
+    def __init__(self, opt: Any, recording: "RecordingCollator | None" = None) -> None:
         from transformers import TrainerCallback
 
         from ..integrations.hf import mode_line
 
         class _Callback(TrainerCallback):
+            def on_train_begin(inner, args, state, control, **kwargs):  # noqa: N805
+                if self.recording is not None:  # runs after AdaptoptCallback's scoring pass read the first batch
+                    self.recording.batches.clear()
+
             def on_step_begin(inner, args, state, control, **kwargs):  # noqa: N805
                 self.record(state.global_step + 1)
 
@@ -141,7 +147,7 @@ class Timeline:
                 if bar is not None and self.opt.history and self.opt.history[-1]["step"] == state.global_step:
                     bar.set_postfix_str(mode_line(self.opt), refresh=False)  # the counts, after a decision
 
-        self.opt, self.callback = opt, _Callback()
+        self.opt, self.callback, self.recording = opt, _Callback(), recording
         self.steps: list[dict[str, Any]] = []
         self.progress: Any = None  # the Trainer's progress callback: its bar shows the mode counts
 
@@ -213,8 +219,8 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
         gradient_accumulation_steps=training["gradient_accumulation_steps"], max_grad_norm=training["max_grad_norm"],
         save_strategy="no", eval_strategy="no", report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not progress, dataloader_num_workers=0)
-    timeline = Timeline(opt)
     recording = RecordingCollator(collator(data, tokenizer))
+    timeline = Timeline(opt, recording)
     trainer = Trainer(model=model, args=args, train_dataset=train_rows, data_collator=recording,
                       optimizers=(opt, None), callbacks=[AdaptoptCallback(), timeline.callback])
     timeline.progress = next((c for c in trainer.callback_handler.callbacks if hasattr(c, "training_bar")), None)

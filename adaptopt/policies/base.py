@@ -149,6 +149,9 @@ class Policy:
     # a policy that spends it (spends_budget) chooses its FULL units with spend_on_full
     memory_budget: Budget | None = None
     spends_budget: ClassVar[bool] = False
+    # whether this run's first decision was made before training, from a scoring pass
+    # (AdaptiveOptimizer.score_before_training), set and kept by the optimizer like run_steps
+    scored_before_training: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every policy's constructor takes PEFT's names too (``LoRA(r=16)``; :mod:`adaptopt.peft_arguments`)."""
@@ -183,6 +186,12 @@ class Policy:
         one, with every score a layer's size, so a policy that ranks by a score ranks the largest
         first. Policies that decide later override it with their largest decision."""
         return self.initial(layers, size_scores(layers))
+
+    def decides_before_training(self) -> bool:
+        """True if the policy's first decision reads one batch's gradients and may be made from a
+        scoring pass before the first update (:meth:`AdaptiveOptimizer.score_before_training`); it then
+        reads :attr:`scored_before_training` to skip the decision it would make after that step."""
+        return False
 
     def placed_by_run_length(self) -> dict[str, int]:
         """The steps this policy placed by the run's length (``run_steps``), named for a person

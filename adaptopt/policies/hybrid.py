@@ -37,7 +37,11 @@ class Hybrid(Policy):
         t: percent of units trained fully, ``⌈n·t/100⌉`` (default 33: two of MiniLM's six blocks).
         calibration_steps: steps scored before the one decision (default 1: the earlier the
             decision, the more steps the chosen blocks train FULL; deciding after the first step
-            won on the task suite's validation splits against 4 and 12 steps).
+            won on the task suite's validation splits against 4 and 12 steps). With 1, a scoring
+            pass before training (:meth:`~adaptopt.AdaptiveOptimizer.score_before_training`, which the
+            HF Trainer callback runs on the first batch) scores that batch instead and the decision
+            comes before the first update, so the chosen units train FULL from it, as the run's
+            static twin does; without the pass, the decision follows the first update.
         freeze_prefix: percent of units, counted from the bottom of the network, frozen from
             ``freeze_at`` on (default 33; 0: none). The prefix stops below the first unit chosen
             FULL, and at least one unit always trains.
@@ -111,23 +115,31 @@ class Hybrid(Policy):
         return {name: LayerDecision(Mode.LORA, self.rank) for name in layers}
 
     def wants_stats(self, step: int, steps_per_epoch: int | None) -> bool:
-        return step <= self.calibration_steps
+        return not self.scored_before_training and step <= self.calibration_steps
 
     def is_decision_step(self, step: int, steps_per_epoch: int | None) -> bool:
-        return step in (self.calibration_steps, self.freeze_step())
+        return step in (self.decision_step(), self.freeze_step())
+
+    def decides_before_training(self) -> bool:
+        return self.calibration_steps == 1
+
+    def decision_step(self) -> int:
+        """The step after which the one decision is made: ``calibration_steps``, or 0 when a
+        scoring pass before training scored the first batch instead."""
+        return 0 if self.scored_before_training else self.calibration_steps
 
     def freeze_step(self) -> int | None:
         """The step after which the prefix freezes (``None``: no prefix, or a fraction of a run
-        of unknown length): ``max(calibration_steps, ⌈freeze_at·run_steps⌉)`` for a fraction."""
+        of unknown length): ``max(decision step, ⌈freeze_at·run_steps⌉)`` for a fraction."""
         if not self.freeze_prefix:
             return None
         if self.freeze_at is None:
-            return self.calibration_steps
+            return self.decision_step()
         if isinstance(self.freeze_at, int):
             return self.freeze_at
         if self.run_steps is None:
             return None
-        return max(self.calibration_steps, math.ceil(self.freeze_at * self.run_steps))
+        return max(self.decision_step(), math.ceil(self.freeze_at * self.run_steps))
 
     def peak_assignment(self, layers: Mapping[str, LayerView]) -> dict[str, LayerDecision]:
         """After the decision, before the prefix freezes: the top ``t`` % units FULL (the largest)."""
@@ -169,11 +181,11 @@ class Hybrid(Policy):
                           "know the run's length, so the prefix will not freeze. Pass total_steps= to "
                           "AdaptiveOptimizer or call opt.set_total_steps(n) (the HF Trainer and Lightning "
                           "callbacks do), or give freeze_at as a step", stacklevel=2)
-        if step == freeze_step and step != self.calibration_steps:
+        if step == freeze_step and step != self.decision_step():
             full = set(units_in_mode(groups, layers, Mode.FULL))
             return {name: LayerDecision(Mode.FROZEN) for unit in self.prefix(list(groups), full)
                     for name in groups[unit]}
-        modes = self.assign(unit_importance(groups, scores), with_prefix=freeze_step == self.calibration_steps,
+        modes = self.assign(unit_importance(groups, scores), with_prefix=freeze_step == self.decision_step(),
                             within=(groups, layers))
         return {name: LayerDecision(modes[unit], self.rank if modes[unit] is Mode.LORA else None)
                 for unit, names in groups.items() for name in names}

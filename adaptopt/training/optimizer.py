@@ -55,6 +55,7 @@ from .layer_stats import StatsCollector
 from .optimizer_state import STATE_FORMAT, moment_like, plain_config, validate_state_dict
 from .policy_inputs import layer_views, refresh_weight_scores
 from .run_length import run_length_change, run_too_short
+from .scoring_pass import score_before_training
 from .summary import layer_table, one_line
 from .transitions import TrainRules, apply_decisions, check_consistency, plan_trainable, reconcile
 
@@ -136,6 +137,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr, **adamw_kwargs)  # validates betas, eps, ...
         self.policy = build_policy(policy)
         self.policy.run_steps = None  # a policy object belongs to one run (docs/design.md §7)
+        self.policy.scored_before_training = False
         self.total_steps: int | None = None  # this run's length (set_total_steps); the policy keeps the first
         self._warned_run_length = False
         self.model = model
@@ -315,6 +317,15 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self._arm_for(self.step_count + 1)
         return loss
 
+    def score_before_training(self, closure: Callable[[], Any]) -> bool:
+        """A scoring pass before the first step (:mod:`~adaptopt.training.scoring_pass`): ``closure``
+        runs forward and backward on one training batch (``lambda: model(**batch).loss.backward()``);
+        its gradients are scored and dropped, no weight or random state changes, and a policy that
+        decides from one batch (``Hybrid(calibration_steps=1)``, the default) decides now, so the first
+        update already trains its FULL units. Returns whether it decided. The HF Trainer callback runs
+        it on the first training batch."""
+        return score_before_training(self, closure)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients; statistics of a step that never reached :meth:`step` (a
         ``GradScaler`` skipped it) are dropped with them."""
@@ -457,6 +468,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
                       for p, s in self.inner.state.items()},
             "policy": plain_config(self.policy.config()),
             "run_steps": self.policy.run_steps,  # the run's length when first known (fixes fraction-placed steps)
+            "scored_before_training": self.policy.scored_before_training,  # the first decision came at step 0
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
@@ -482,6 +494,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             self.policy.run_steps = int(saved_run)  # the steps it placed stay where the saved run put them
             if now not in (None, saved_run):
                 self._warn_run_length(saved_run, now, stacklevel=3)
+        self.policy.scored_before_training = bool(sd.get("scored_before_training", False))
         for name, layout in layouts.items():
             self.layers[name].adopt_layout(layout)
             self.lr_scales[name] = float(sd["layers"][name]["lr_scale"])

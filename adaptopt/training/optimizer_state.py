@@ -88,6 +88,8 @@ def _check_plain(sd: Mapping[str, Any], problems: list[str]) -> None:
         problems.append(f"step: expected an int ≥ 0, got {sd['step']!r}")
     if sd.get("run_steps") is not None and not _number(sd["run_steps"], minimum=1, integer=True):
         problems.append(f"run_steps: expected an int ≥ 1 or None, got {sd['run_steps']!r}")
+    if not isinstance(sd.get("scored_before_training", False), bool):
+        problems.append(f"scored_before_training: expected true or false, got {sd['scored_before_training']!r}")
     if "skipped_steps" in sd and not _number(sd["skipped_steps"], minimum=0, integer=True):
         problems.append(f"skipped_steps: expected an int ≥ 0, got {sd['skipped_steps']!r}")
     if not isinstance(sd["scores"], Mapping) or not all(isinstance(v, Mapping) for v in sd["scores"].values()):
