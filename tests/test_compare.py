@@ -47,7 +47,8 @@ def test_same_seed_same_data_order_eval_set_and_initial_head(tiny, tmp_path):  #
     from adaptopt.cli.runner import compare_runs
     path = write_config(tmp_path / "c.yaml", tiny, training={"epochs": 1, "max_steps": 4, "batch_size": 8,
                                                                "lr": 1e-3, "max_length": 16},
-                        compare={"methods": ["full", "lora", {"method": "automode", "automode": {"u": 1}}],
+                        compare={"methods": ["full", "lora", {"method": "automode", "automode": {"u": 1}},
+                                             "hybrid"],  # the default: its scoring pass reads the first batch
                                  "seeds": [0, 1]})
     config = normalise(load_yaml(path), path)
     result = compare_runs(config, tmp_path / "out", fresh_process=False)

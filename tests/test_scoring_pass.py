@@ -38,6 +38,13 @@ def factors(opt):
             for name, m in opt.layers.items() if m.lora_A is not None}
 
 
+def set_factors(opt, start):
+    with torch.no_grad():
+        for name, (a, b) in start.items():
+            opt.layers[name].lora_A.copy_(a)
+            opt.layers[name].lora_B.copy_(b)
+
+
 def twin_of(model, opt, start_factors):
     """The static twin of ``opt``'s run on a copy of the untouched ``model``: the modes after the
     pass from step 0, the late freezes at their steps, the same starting factors."""
@@ -49,10 +56,7 @@ def twin_of(model, opt, start_factors):
     twin = AdaptiveOptimizer(model, lr=1e-2, lora_lr=2e-2, rank=2, policy=Scheduled(plan),
                              train_embeddings="output_lora" if opt.output_adapter else None,
                              trainable=[*TASK_HEADS, *Hybrid().trainable_extra()])
-    with torch.no_grad():
-        for name, (a, b) in start_factors.items():
-            twin.layers[name].lora_A.copy_(a)
-            twin.layers[name].lora_B.copy_(b)
+    set_factors(twin, start_factors)
     return twin
 
 
@@ -84,7 +88,7 @@ def test_with_the_pass_the_default_trains_exactly_as_its_static_twin(kind, seed)
 
 
 def test_the_pass_changes_no_weight_no_gradient_and_no_random_state():
-    model, batches = model_and_batches("bert", 0)
+    _, batches = model_and_batches("bert", 0)
     model = tiny_bert(3, dropout=0.1).train()  # dropout draws from the generator during the pass
     opt = AdaptiveOptimizer(model, lr=1e-2, rank=2, policy=Hybrid(), total_steps=STEPS)
     model.eval()
@@ -113,10 +117,7 @@ def test_the_pass_decides_what_a_first_step_at_zero_lr_would(kind):
     start = factors(with_pass)
     with_pass.score_before_training(lambda: model(**batches[0]).loss.backward())
     without = AdaptiveOptimizer(other, lr=0.0, lora_lr=0.0, rank=2, policy=Hybrid(), total_steps=STEPS)
-    with torch.no_grad():
-        for name, (a, b) in start.items():
-            without.layers[name].lora_A.copy_(a)
-            without.layers[name].lora_B.copy_(b)
+    set_factors(without, start)
     other(**batches[0]).loss.backward()
     without.step()
     assert {n: m.mode for n, m in with_pass.layers.items()} == {n: m.mode for n, m in without.layers.items()}
