@@ -61,7 +61,7 @@ def test_same_seed_same_data_order_eval_set_and_initial_head(tiny, tmp_path):  #
     from adaptopt.cli.paired import paired_table
     from adaptopt.cli.report import plot_pareto
     table = paired_table(result, "accuracy", {"full": "weights 0.001"})
-    assert table.count("\n") == 4 and "Δ vs lora" in table and "above LoRA–Full line, time" in table
+    assert table.count("\n") == 5 and "Δ vs lora" in table and "above LoRA–Full line, time" in table  # 4 methods
     assert "weights 0.001" in table
     assert plot_pareto(result, tmp_path / "pareto.png").stat().st_size > 10_000
 

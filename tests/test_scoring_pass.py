@@ -237,3 +237,14 @@ def test_the_trainer_runs_the_pass_on_its_first_batch_without_moving_the_data_or
     assert len(with_pass) == len(plain) + 1  # the pass's forward, then the training order
     assert torch.equal(with_pass[0], plain[0])
     assert all(torch.equal(a, b) for a, b in zip(with_pass[1:], plain))
+
+
+def test_the_callbacks_pass_skips_a_batch_without_a_loss():
+    pytest.importorskip("accelerate")
+    from adaptopt.integrations.hf import score_first_batch
+    model, batches = model_and_batches("llama", 0)
+    opt = AdaptiveOptimizer(model, lr=1e-2, rank=2, policy=Hybrid(), total_steps=STEPS)
+    assert not score_first_batch(opt, model, [{"input_ids": batches[0]["input_ids"]}])  # no labels: no loss
+    assert not opt.policy.scored_before_training and all(p.grad is None for p in model.parameters())
+    assert score_first_batch(opt, model, [batches[0]])
+    assert {h["step"] for h in opt.history if h["mode"] == "full"} == {0}
