@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adaptopt import AdaptiveOptimizer, AutoMode, Hybrid, Mode
 from adaptopt.policies.base import LayerView
@@ -115,7 +117,7 @@ def test_progressive_freezing_prunes_backward_through_automode_too():
 
 
 def test_hybrid_decides_once_after_calibration():
-    policy = Hybrid(t=33, calibration_steps=5, freeze_prefix=34, freeze_at=None)
+    policy = Hybrid(t=33, calibration_steps=5, freeze_prefix=34, freeze_at=None, full_above_prefix=False)
     assert [policy.is_decision_step(s, None) for s in (4, 5, 6)] == [False, True, False]
     assert [policy.wants_stats(s, None) for s in (5, 6)] == [True, False]
     importance = [1.0, 5.0, 2.0, 4.0, 3.0, 0.5]
@@ -176,3 +178,37 @@ def test_hybrid_without_the_run_length_warns_and_keeps_its_prefix_training():
     assert Mode.FROZEN in {m.mode for m in opt.layers.values()}  # ... so frozen from step 5 on
     with pytest.raises(ValueError, match="total_steps must be a positive int"):
         opt.set_total_steps(0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 10.0, allow_nan=False), min_size=2, max_size=12, unique=True),
+       st.sampled_from([10.0, 33.0, 50.0, 100.0]), st.sampled_from([0.0, 20.0, 33.0, 60.0]))
+def test_full_above_prefix_keeps_the_lowest_units_out_of_full(importance, t, prefix):
+    """Reference computed by hand: the bottom ⌈n·p/100⌉ units are never FULL; FULL is the top
+    ⌈n·t/100⌉ of the others by importance; the prefix freezes whole (at most all but one unit that is
+    not FULL)."""
+    n = len(importance)
+    policy = Hybrid(t=t, calibration_steps=1, freeze_prefix=prefix, freeze_at=None, full_above_prefix=True)
+    decided = policy.decide(views(n), {name: {"grad_norm": importance[int(name.split(".")[2])]} for name in views(n)},
+                            1, None)
+    modes = {int(name.split(".")[2]): d.mode for name, d in decided.items()}
+    bottom = list(range(math.ceil(n * prefix / 100 - 1e-9)))
+    above = sorted((b for b in range(n) if b not in bottom), key=lambda b: -importance[b])
+    full = sorted(above[:math.ceil(n * t / 100 - 1e-9)])
+    assert sorted(b for b, m in modes.items() if m is Mode.FULL) == full
+    assert sorted(b for b, m in modes.items() if m is Mode.FROZEN) == bottom[:max(0, n - len(full) - 1)]
+    assert all(modes[b] is Mode.LORA for b in range(n) if b not in full and b not in bottom)
+
+
+def test_full_above_prefix_freezes_the_prefix_the_earlier_rule_gave_up():
+    importance = [9.0, 1.0, 2.0, 4.0, 3.0, 0.5]  # the lowest unit scores highest, as SmolLM2's block 0
+    scores = {n: {"grad_norm": importance[int(n.split(".")[2])]} for n in views(6)}
+
+    def modes(**kw):
+        decided = Hybrid(t=33, calibration_steps=1, freeze_prefix=33, freeze_at=None, **kw).decide(views(6), scores, 1,
+                                                                                                  None)
+        return [decided[f"enc.layer.{b}.q"].mode.value for b in range(6)]
+    assert modes(full_above_prefix=False) == ["full", "lora", "lora", "full", "lora", "lora"]  # no prefix left
+    assert modes() == ["frozen", "frozen", "lora", "full", "full", "lora"]                    # the default
+    with pytest.raises(ValueError, match="full_above_prefix must be true or false"):
+        Hybrid(full_above_prefix="yes")

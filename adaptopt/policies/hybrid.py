@@ -30,8 +30,9 @@ from .base import (
 @register_policy
 class Hybrid(Policy):
     r"""All-LoRA for ``calibration_steps`` steps while gradient importance is scored; then,
-    once and for good: the top ``t`` % of units FULL, the lowest ``freeze_prefix`` % of units in
-    model order FROZEN (a frozen prefix: backward stops above it), the rest LoRA at ``rank``.
+    once and for good: the lowest ``freeze_prefix`` % of units in model order FROZEN (a frozen
+    prefix: backward stops above it), the top ``t`` % of the units above it FULL, the rest LoRA at
+    ``rank``.
 
     Args:
         t: percent of units trained fully, ``⌈n·t/100⌉`` (default 33: two of MiniLM's six blocks).
@@ -44,13 +45,21 @@ class Hybrid(Policy):
             static twin does; without the pass, the decision follows the first update.
         freeze_prefix: percent of units, counted from the bottom of the network, frozen from
             ``freeze_at`` on (default 33; 0: none). The prefix stops below the first unit chosen
-            FULL, and at least one unit always trains.
+            FULL (none is, with ``full_above_prefix``), and at least one unit always trains.
         freeze_at: when the prefix freezes: a fraction of the run in (0, 1) (default 0.6; needs
             the run's length, ``AdaptiveOptimizer(total_steps=)``, which the HF and Lightning
             callbacks set — without it the prefix never freezes, with a warning), a step after
             ``calibration_steps``, or ``None``: at the decision. Late freezing lets the prefix
             train with LoRA first and saves its backward pass for the rest of the run (a second
             decision that reads no scores and keeps the FULL choice).
+        full_above_prefix: FULL units are ranked only among the units above the prefix, so the
+            prefix is always the lowest ``freeze_prefix`` % and its backward pass is always saved
+            (default True, chosen in the suite's seventh validation round: on SmolLM2, whose lowest
+            blocks score highest, the earlier rule — ``False``: the most important units FULL wherever
+            they are, the prefix cut below the lowest of them — left no prefix to freeze and cost
+            1.36× LoRA's time on chitchat's validation part, this rule 1.13×, at 0.58 perplexity more
+            — though by step timing the late prefix saves ~6% of a step, within this machine's noise;
+            on MiniLM both rules chose the same blocks).
         rank: LoRA rank of the LoRA units (``None``: the optimizer's ``rank``).
         granularity, score: as for :class:`~adaptopt.AutoMode`.
         output_lora: a language model's output layer gets a LoRA adapter (at the optimizer's
@@ -71,8 +80,8 @@ class Hybrid(Policy):
     its cost is that of its fixed assignment, less the prefix's backward pass once it freezes.
     The defaults (t=33, the lowest third frozen for the last 40% of the run) won the settings
     search on the main job's validation data; ``calibration_steps=1`` was chosen on the task suite's
-    validation splits against 4 and 12 steps and against budgets of LoRA + 25% (docs/policies.md,
-    "The default").
+    validation splits against 4 and 12 steps and against budgets of LoRA + 25%, ``full_above_prefix``
+    against the earlier rule, an earlier freeze and more FULL units (docs/policies.md, "The default").
     """
 
     method = "hybrid"
@@ -80,7 +89,8 @@ class Hybrid(Policy):
 
     def __init__(self, t: float = 33.0, calibration_steps: int = 1, freeze_prefix: float = 33.0,
                  rank: int | None = None, granularity: str = "block", score: str = "cheap",
-                 freeze_at: float | None = 0.6, output_lora: bool = True, head_inputs: bool = True) -> None:
+                 freeze_at: float | None = 0.6, output_lora: bool = True, head_inputs: bool = True,
+                 full_above_prefix: bool = True) -> None:
         self.t = check_percent("t", t)
         self.calibration_steps = check_positive_int("calibration_steps", calibration_steps)
         self.freeze_prefix = check_percent("freeze_prefix", freeze_prefix)
@@ -92,8 +102,11 @@ class Hybrid(Policy):
             raise ValueError(f"freeze_at must be a fraction of the run in (0, 1), a step after calibration_steps="
                              f"{calibration_steps}, or None (at the decision); got {freeze_at!r}")
         self.freeze_at = freeze_at
-        if not isinstance(output_lora, bool) or not isinstance(head_inputs, bool):
-            raise ValueError(f"output_lora and head_inputs are true or false, got {output_lora!r}, {head_inputs!r}")
+        flags = {"output_lora": output_lora, "head_inputs": head_inputs, "full_above_prefix": full_above_prefix}
+        wrong = {k: v for k, v in flags.items() if not isinstance(v, bool)}
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} must be true or false, got {', '.join(map(repr, wrong.values()))}")
+        self.full_above_prefix = full_above_prefix
         self.output_lora = self.adapts_output_layer = output_lora
         self.head_inputs = head_inputs
         self._warned = False
@@ -155,9 +168,11 @@ class Hybrid(Policy):
     def assign(self, importance: Mapping[str, float], with_prefix: bool = True,
                within: tuple[Mapping[str, list[str]], Mapping[str, LayerView]] | None = None) -> dict[str, Mode]:
         """Units in model order → modes (pure): top ``t`` % FULL (under a budget: as many as fit,
-        ``within`` = the units' layers and the views), then the bottom prefix FROZEN."""
+        ``within`` = the units' layers and the views; with ``full_above_prefix``, ranked among the
+        units above the prefix only), then the bottom prefix FROZEN."""
         order = list(importance)
-        ranked = sorted(order, key=lambda u: (-importance[u], order.index(u)))
+        reserved = set(order[:percent_count(self.freeze_prefix, len(order))]) if self.full_above_prefix else set()
+        ranked = sorted((u for u in order if u not in reserved), key=lambda u: (-importance[u], order.index(u)))
         groups, views = within if within is not None else ({}, {})
         full = set(spend_on_full(ranked, percent_count(self.t, len(order)), groups, views,
                                  lambda u: LayerDecision(Mode.LORA, self.rank), self.memory_budget if within else None))
