@@ -171,7 +171,7 @@ class Hybrid(Policy):
         ``within`` = the units' layers and the views; with ``full_above_prefix``, ranked among the
         units above the prefix only), then the bottom prefix FROZEN."""
         order = list(importance)
-        reserved = set(order[:percent_count(self.freeze_prefix, len(order))]) if self.full_above_prefix else set()
+        reserved = set(self.bottom(order)) if self.full_above_prefix else set()
         ranked = sorted((u for u in order if u not in reserved), key=lambda u: (-importance[u], order.index(u)))
         groups, views = within if within is not None else ({}, {})
         full = set(spend_on_full(ranked, percent_count(self.t, len(order)), groups, views,
@@ -179,11 +179,13 @@ class Hybrid(Policy):
         prefix = self.prefix(order, full) if with_prefix else []
         return {u: Mode.FULL if u in full else Mode.FROZEN if u in prefix else Mode.LORA for u in order}
 
+    def bottom(self, order: list[str]) -> list[str]:
+        """The lowest ``freeze_prefix`` % of ``order``, ``⌈n·p/100⌉`` units: where the prefix may lie."""
+        return order[:percent_count(self.freeze_prefix, len(order))]
+
     def prefix(self, order: list[str], full: set[str]) -> list[str]:
-        """The lowest ``freeze_prefix`` % of ``order``, cut below the first FULL unit, never all
-        the units that are not FULL."""
-        bottom = order[:percent_count(self.freeze_prefix, len(order))]
-        prefix = list(itertools.takewhile(lambda u: u not in full, bottom))
+        """:meth:`bottom`, cut below the first FULL unit, never all the units that are not FULL."""
+        prefix = list(itertools.takewhile(lambda u: u not in full, self.bottom(order)))
         return prefix[:max(0, len(order) - len(full) - 1)]
 
     def decide(self, layers: Mapping[str, LayerView], scores: Scores, step: int,
