@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..layers.lora import LoRALinear
-from ..layers.sharded import gathered, is_sharded, local_tensor, refuse_sharded_4bit
+from ..layers.sharded import is_sharded, local_tensor, refuse_sharded_4bit
 from ..modes import Mode
 from ..name_patterns import EMBEDDINGS, output_layer
 from ..peft_arguments import accepts_peft_names, peft_trainable
@@ -52,7 +52,7 @@ from .distributed import (
     broadcast_parameters,
 )
 from .layer_stats import StatsCollector
-from .optimizer_state import STATE_FORMAT, moment_like, plain_config, validate_state_dict
+from .optimizer_checkpoint import optimizer_state, restore_optimizer
 from .policy_inputs import layer_views, refresh_weight_scores
 from .run_length import run_length_change, run_too_short
 from .scoring_pass import score_before_training
@@ -453,23 +453,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         by parameter *name*: plain types and tensors only, so it loads with ``weights_only``
         (format ``adaptopt.AdaptiveOptimizer/1``, docs/design.md §9). Under FSDP2 the Adam moments
         are gathered whole, as one process writes them."""
-        names = {p: n for n, p in self.model.named_parameters()}
-        return {
-            "format": STATE_FORMAT, "step": self.step_count, "skipped_steps": self.skipped_steps,
-            "layers": {name: {**m.layout().to_record(), "lr_scale": self.lr_scales[name],
-                              "quantized": m.layout().quant is not None} for name, m in self.layers.items()},
-            "scores": {k: dict(v) for k, v in self.scores.items()},
-            "history": [dict(h) for h in self.history],
-            "score_log": [dict(e) for e in self.score_log],
-            "collector": self.collector.state_dict(),
-            "groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-            "roles": [list(r) for r in self._roles],
-            "state": {names[p]: {k: gathered(v) if torch.is_tensor(v) else v for k, v in s.items()}
-                      for p, s in self.inner.state.items()},
-            "policy": plain_config(self.policy.config()),
-            "run_steps": self.policy.run_steps,  # the run's length when first known (fixes fraction-placed steps)
-            "scored_before_training": self.policy.scored_before_training,  # the first decision came at step 0
-        }
+        return optimizer_state(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
         """Rebuild every layer's mode and rank, then restore the Adam state by parameter name.
@@ -480,42 +464,4 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         different model, with missing or extra layers or parameters, mismatched shapes or
         malformed values raises one ``ValueError`` naming them, and changes nothing.
         """
-        sd = state_dict
-        layouts = validate_state_dict(sd, layouts_now={n: m.layout() for n, m in self.layers.items()},
-                                      roles=self._roles, group_count=len(self.param_groups), plan=self.plan,
-                                      amsgrad=bool(self.defaults.get("amsgrad", False)))
-        saved_policy = sd.get("policy")
-        if saved_policy is not None and saved_policy != plain_config(self.policy.config()):
-            warnings.warn(f"this checkpoint was written with policy {saved_policy}, this optimizer runs "
-                          f"{plain_config(self.policy.config())}: its modes and state load, and this policy decides "
-                          "from here on", stacklevel=2)
-        saved_run, now = sd.get("run_steps"), self.policy.run_steps
-        if saved_run is not None:
-            self.policy.run_steps = int(saved_run)  # the steps it placed stay where the saved run put them
-            if now not in (None, saved_run):
-                self._warn_run_length(saved_run, now, stacklevel=3)
-        self.policy.scored_before_training = bool(sd.get("scored_before_training", False))
-        for name, layout in layouts.items():
-            self.layers[name].adopt_layout(layout)
-            self.lr_scales[name] = float(sd["layers"][name]["lr_scale"])
-        changed = self._reconcile()
-        params = dict(self.model.named_parameters())
-        self.inner.state.clear()
-        for pname, values in sd["state"].items():
-            p = params[pname]
-            self.inner.state[p] = {k: (moment_like(p, v.to(device=p.device, dtype=p.dtype if k != "step" else v.dtype))
-                                       if torch.is_tensor(v) else v) for k, v in values.items()}
-        for group, saved in zip(self.param_groups, sd["groups"]):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-        self.step_count = int(sd["step"])
-        self.skipped_steps = int(sd.get("skipped_steps", 0))
-        self.scores = {name: dict(sd["scores"].get(name, {})) for name in self.layers}
-        self.history = [dict(h) for h in sd["history"]]
-        self.score_log = [dict(e) for e in sd.get("score_log", [])]
-        self.collector.load_state_dict(sd.get("collector", {}))
-        self.collector.window_seed = max((int(e.get("step", 0)) for e in self.score_log), default=0)
-        self.collector.disarm()
-        self.check_consistency()
-        self._arm_for(self.step_count + 1)
-        if changed:
-            self._run_transition_hooks()
+        restore_optimizer(self, state_dict)
