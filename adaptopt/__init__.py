@@ -46,6 +46,7 @@ from .policies import (
 from .surgery.inject import ARCHITECTURE_TARGETS, TargetInfo, find_adapters, inject_adapters, select_targets
 from .surgery.unload import disable_adapters, merge_and_unload
 from .training.budget import MemoryBudget
+from .training.compute import ComputeEstimate, estimate_compute
 from .training.estimate import MemoryEstimate, estimate_memory
 from .training.optimizer import AdaptiveOptimizer
 
@@ -93,6 +94,8 @@ __all__ = [
     "lora_scaling",
     "disable_adapters",
     "estimate_memory",
+    "estimate_compute",
+    "ComputeEstimate",
     "MemoryEstimate",
     "MemoryBudget",
     "merge_and_unload",

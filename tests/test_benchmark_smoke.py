@@ -1,13 +1,16 @@
 """Benchmarks in small form: the cheap-score benchmark (a tiny BERT, one repeat, one window) runs and
-prints every figure it reports on MiniLM (tests/benchmarks/cheap_scores.py); the GPU check stops
-cleanly on a machine without CUDA."""
+prints every figure it reports on MiniLM (tests/benchmarks/cheap_scores.py); the compute estimate's
+benchmark runs MiniLM's policies for a few steps and writes its table, JSON and plot
+(tests/benchmarks/compute_estimate.py); the GPU check stops cleanly on a machine without CUDA."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 BENCHMARK = Path(__file__).resolve().parent / "benchmarks" / "cheap_scores.py"
@@ -32,3 +35,20 @@ def test_the_gpu_check_stops_cleanly_without_cuda():
     assert run.returncode == 2 and "no CUDA device" in run.stdout
     script = BENCHMARK.parents[2] / "scripts" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # parses; its gpu tests skip here
+
+
+def test_compute_estimate_benchmark_runs_small(tmp_path):
+    script = BENCHMARK.parent / "compute_estimate.py"
+    run = subprocess.run([sys.executable, str(script), "--quick", "--steps", "5", "--repeats", "1", "--batch", "2",
+                          "--seq", "16", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((tmp_path / "compute_estimate.json").read_text())["results"]
+    assert [r["policy"] for r in results] == ["lora", "full", "hybrid", "hybrid f0", "lisa", "badam"]
+    by_policy = {r["policy"]: r for r in results}
+    assert by_policy["lora"]["estimated"] == by_policy["lora"]["measured"] == 1.0
+    assert by_policy["full"]["estimated"] > 1.3 and by_policy["badam"]["estimated"] < 1.0
+    assert "| minilm | full |" in run.stdout and (tmp_path / "compute_estimate.png").stat().st_size > 0
+    cuda = subprocess.run([sys.executable, str(script), "--device", "cuda"], capture_output=True, text=True,
+                          timeout=120)
+    if not torch.cuda.is_available():
+        assert cuda.returncode == 2 and "no CUDA device" in cuda.stdout

@@ -185,6 +185,15 @@ def test_train_a_causal_lm_reports_loss_and_perplexity(tiny, tmp_path):
     assert result["perplexity"] < tokenizer.vocab_size / 3
 
 
+def test_plan_builds_the_head_the_config_names():
+    from adaptopt.cli.models import planned_task
+    assert planned_task(transformers.BertConfig(architectures=["BertForSequenceClassification"])) == "classification"
+    assert planned_task(transformers.BertConfig(architectures=["BertModel"])) == "classification"  # MiniLM's
+    assert planned_task(transformers.LlamaConfig(architectures=["LlamaForCausalLM"])) == "causal_lm"
+    assert planned_task(transformers.GPT2Config(architectures=["GPT2LMHeadModel"])) == "causal_lm"
+    assert planned_task(transformers.LlamaConfig()) == "causal_lm"  # a bare decoder: its language model
+
+
 def test_plan_prints_peak_memory_per_policy_from_the_config(tiny, capsys):
     assert main(["plan", str(tiny["model"]), "--policies", "full,lora,hybrid", "--batch-size", "2",
                  "--seq-len", "8", "--rank", "2"]) == 0
@@ -193,6 +202,10 @@ def test_plan_prints_peak_memory_per_policy_from_the_config(tiny, capsys):
     assert [r.split("|")[1].strip() for r in rows] == ["full", "lora", "hybrid"]
     totals = {r.split("|")[1].strip(): float(r.split("**")[1]) for r in rows}
     assert totals["full"] >= totals["hybrid"] >= totals["lora"] > 0
+    flops = {r.split("|")[1].strip(): float(r.split("|")[-2]) for r in rows}  # FLOPs per step over LoRA's
+    assert flops["full"] > flops["hybrid"] > flops["lora"] == 1.0
+    assert main(["plan", str(tiny["model"]), "--steps", "0"]) == 2
+    assert "--steps 0" in capsys.readouterr().err
     assert main(["plan", str(tiny["model"]), "--dtype", "int8"]) == 2  # refused by name
     assert main(["plan", str(tiny["model"]), "--autocast", "int8"]) == 2
     assert main(["plan", str(tiny["model"]), "--seq-len", "100"]) == 2  # beyond its 64 positions

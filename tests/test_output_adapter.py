@@ -95,7 +95,7 @@ def test_the_output_adapter_follows_the_policy_and_train_embeddings():
 
 def test_hybrid_trains_a_classifiers_pooler_with_its_head_and_the_twin_does_too():
     from adaptopt.cli.methods import optimizer_kwargs
-    from adaptopt.cli.suite import twin_method
+    from adaptopt.cli.twins import twin_method
     from adaptopt.policies import Hybrid
 
     def trained(**kwargs):

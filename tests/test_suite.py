@@ -14,6 +14,7 @@ import pytest
 
 from adaptopt.cli.config import ConfigError
 from adaptopt.cli.data import REGISTRY, load_data
+from adaptopt.cli.run_flops import with_flops
 from adaptopt.cli.suite import (
     choose_default,
     goals,
@@ -21,15 +22,16 @@ from adaptopt.cli.suite import (
     load_suite,
     run_suite,
     saved_rows,
-    static_twin,
     suite_table,
     task_summary,
-    twin_method,
 )
 from adaptopt.cli.suite import write_suite as report_suite
+from adaptopt.cli.twins import static_twin, twin_method
+from adaptopt.training.compute import estimate_compute
 from tests.test_cli import tiny  # noqa: F401  (the fixture: a tiny BERT folder and a CSV)
 
 yaml = pytest.importorskip("yaml")
+AutoModelForSequenceClassification = pytest.importorskip("transformers").AutoModelForSequenceClassification
 
 
 def write_suite(path, tiny, data_path=None, **extra):  # noqa: F811
@@ -76,6 +78,15 @@ def test_a_static_twin_runs_the_assignment_its_policy_reached_with_the_same_late
             else:
                 assert all(ran[s][i] == final[i] for s in steps), name
         assert twin["data_order"] == adaptive["data_order"] and twin["initial_head"] == adaptive["initial_head"]
+    # each run's FLOPs, priced from its own timeline: a twin computes what its run computed; LoRA and
+    # Full what the estimate gives their policies for this model, batch and run length
+    priced = {(r["method"], r["seed"]): r["flops_per_step"]
+              for r in with_flops(rows, {t["name"]: t for t in suite["tasks"]})}
+    assert all(priced[("automode twin", seed)] == priced[("automode", seed)] for seed in (0, 1))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["model"])
+    for method, rank in (("lora", 4), ("full", 8)):
+        assert priced[(method, 0)] == estimate_compute(model, method, 8, 16, run_steps=8, rank=rank).per_step
+    assert priced[("full", 0)] > priced[("automode", 0)] > 0
     # a part re-run (--methods): its rows replace their own; every other saved row stays as it was
     saved = Path(suite["tasks"][0]["output_dir"]) / "rows-test.json"
     before = {(r["method"], r["seed"]): r for r in json.loads(saved.read_text())}
@@ -168,6 +179,8 @@ def made_up_rows():
                 rows.append({"task": task, "method": method, "seed": seed, "accuracy": mean + noise,
                              "wall_time_s": {"lora": 10, "full": 14, "m": 9, "topk": 7}[method],
                              "peak_rss_mb": 100})
+                if not (task == "b" and method == "m"):
+                    rows[-1]["flops_per_step"] = {"lora": 2, "full": 3, "m": 2.1, "topk": 1}[method]
     return rows
 
 
@@ -177,7 +190,11 @@ def test_the_table_and_the_goals_follow_their_definitions(tmp_path):
     assert math.isclose(summary["m"]["share"], 0.8) and math.isclose(summary["m"]["time"], 0.9)
     assert math.isclose(summary["m"]["vs_lora"]["mean"], 0.08)
     table = suite_table(rows)
-    assert "| m | 78.00 (+8.00 [+8.00, +8.00]) · 80% | 90.00 (+0.00 [+0.00, +0.00]) · 0% | 0.90 | 1.00 |" in table
+    assert math.isclose(summary["m"]["flops"], 1.05)
+    # 'm' has no FLOPs on 'b' (rows written before they were priced): "–", not a mean of what is there
+    assert "| m | 78.00 (+8.00 [+8.00, +8.00]) · 80% | 90.00 (+0.00 [+0.00, +0.00]) · 0% | 0.90 | – | 1.00 |" in table
+    assert "| topk | 79.00 (+9.00 [+9.00, +9.00]) · 90% | 86.00 (-4.00 [-4.00, -4.00]) · -400% | 0.70 | 0.50 | 1.00 |" \
+        in table
     g = goals(rows, "m", ["m"], {"accuracy": 0.02})
     assert g["tasks"]["a"]["full_leads"] and not g["tasks"]["b"]["full_leads"]
     assert math.isclose(g["mean_share_where_full_leads"], 0.8) and g["never_below_lora"]
@@ -235,7 +252,10 @@ def test_the_suites_small_form_runs_end_to_end_on_real_tasks(tmp_path):
     rows = run_suite(suite, "test", fresh_process=False)
     result = write_results(rows, suite, "test", choose=False)
     table = (tmp_path / "suite-test.md").read_text()
-    assert "| method | rotten_tomatoes (accuracy) | time / LoRA | memory / LoRA |" in table
+    assert "| method | rotten_tomatoes (accuracy) | time / LoRA | FLOPs / LoRA | memory / LoRA |" in table
+    cells = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and " [" in line]
+    flops = {cell[0][2:]: cell[-2] for cell in cells}
+    assert flops["lora"] == "1.00" and float(flops["full"]) > float(flops["hybrid"]) == float(flops["hybrid twin"])
     assert (tmp_path / "pareto-rotten_tomatoes-test.png").stat().st_size > 0
     for method in ("full", "lora", "hybrid", "hybrid twin"):
         assert f"\n| {method} |" in table

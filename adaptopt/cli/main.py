@@ -235,15 +235,19 @@ def cmd_suite(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """Peak training memory per policy, from the model's config alone (built on the meta device)."""
+    """Peak training memory and compute per policy, from the model's config alone (built on the meta
+    device)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from adaptopt import estimate_memory
     from adaptopt.policies.base import OverBudget
+    from adaptopt.training.compute import estimate_compute, relative_compute
     from adaptopt.training.estimate import plan_table
 
-    from .models import model_directory
+    from .models import model_directory, planned_task
+    if args.steps <= 0:
+        raise ConfigError(f"plan: --steps {args.steps}: the run's length must be a positive number of optimizer steps")
     source = {"path": args.model} if Path(args.model).exists() else {"name": args.model}
     config = AutoConfig.from_pretrained(model_directory(source))
     dtype = getattr(torch, args.dtype, None)
@@ -255,28 +259,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
     autocast = getattr(torch, args.autocast, None) if args.autocast else None
     if args.autocast and autocast not in (torch.bfloat16, torch.float16):
         raise ConfigError(f"plan: --autocast {args.autocast!r}: expected bfloat16 or float16")
-    classes = [a for a in getattr(config, "architectures", None) or [] if a.endswith("ForSequenceClassification")]
-    auto = AutoModelForSequenceClassification if classes else AutoModelForCausalLM
+    task = args.task if args.task != "auto" else planned_task(config)
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(config)
-    estimates, refused = {}, []
+    estimates, computed, refused = {}, {}, []
     for name in args.policies.split(","):
         try:
-            estimates[name] = estimate_memory(model, name, args.batch_size, args.seq_len, dtype=dtype, rank=args.rank,
-                                              gradient_checkpointing=args.gradient_checkpointing,
-                                              memory_budget=args.budget, autocast=autocast)
+            memory = estimate_memory(model, name, args.batch_size, args.seq_len, dtype=dtype, rank=args.rank,
+                                     gradient_checkpointing=args.gradient_checkpointing, memory_budget=args.budget,
+                                     autocast=autocast)
+            computed[name] = estimate_compute(model, name, args.batch_size, args.seq_len, run_steps=args.steps,
+                                              dtype=dtype, rank=args.rank, memory_budget=args.budget,
+                                              gradient_checkpointing=args.gradient_checkpointing)
+            estimates[name] = memory
         except OverBudget as err:
             refused.append(f"{name}: refused by the budget: {err}")  # the other policies still plan
         except ValueError as err:
             raise ConfigError(f"plan: policy {name!r}: {err}") from None
     if not estimates:
         raise ConfigError("plan: " + "; ".join(refused))
-    print(f"{args.model}: batch {args.batch_size} × {args.seq_len} tokens, weights in {args.dtype}, LoRA rank "
+    if "lora" not in computed:
+        computed["lora"] = estimate_compute(model, "lora", args.batch_size, args.seq_len, run_steps=args.steps,
+                                            dtype=dtype, rank=args.rank,
+                                            gradient_checkpointing=args.gradient_checkpointing)
+    print(f"{args.model} as a {'sequence classifier' if task == 'classification' else 'causal language model'} "
+          f"(--task): batch {args.batch_size} × {args.seq_len} tokens, weights in {args.dtype}, LoRA rank "
           f"{args.rank}{', gradient checkpointing' if args.gradient_checkpointing else ''}"
           f"{f', memory budget {args.budget}' if args.budget else ''}"
           f"{f', autocast to {args.autocast}' if args.autocast else ''} (GB; the process itself, "
-          "a CUDA context and allocator slack come on top)")
-    print(plan_table(estimates))
+          "a CUDA context and allocator slack come on top; FLOPs / LoRA: the matrix products of an average "
+          f"step of a {args.steps}-step run, over LoRA's)")
+    print(plan_table(estimates, relative_compute(computed)))
     for line in refused:
         print(line)
     return 0
@@ -331,7 +345,8 @@ def parser() -> argparse.ArgumentParser:
                        "running nothing")
     suite.add_argument("--output-dir")
     suite.set_defaults(run=cmd_suite)
-    plan = sub.add_parser("plan", help="peak training memory per policy, estimated from the model's config")
+    plan = sub.add_parser("plan", help="peak training memory and compute per policy, estimated from the model's "
+                          "config")
     plan.add_argument("model", help="registry name (minilm, smollm2-135m) or a folder with config.json")
     plan.add_argument("--policies", default="full,lora,qlora,hybrid,automode,lisa,badam")
     plan.add_argument("--batch-size", type=int, default=8)
@@ -339,6 +354,11 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default="float32")
     plan.add_argument("--rank", type=int, default=16)
     plan.add_argument("--gradient-checkpointing", action="store_true")
+    plan.add_argument("--task", default="auto", choices=("auto", "classification", "causal_lm"),
+                      help="the head planned: a sequence classifier or a language model's output layer (auto: "
+                      "the class config.json names; a bare encoder such as MiniLM's BertModel: a classifier)")
+    plan.add_argument("--steps", type=int, default=1000, help="the run's length in optimizer steps, for the compute "
+                      "column (Hybrid's prefix freezes at a fraction of it; LISA and BAdam change blocks by it)")
     plan.add_argument("--autocast", default=None, help="bfloat16 or float16: a mixed-precision step (weights, "
                       "gradients and moments in --dtype, activations in this)")
     plan.add_argument("--budget", default=None, help="a memory budget ('24GB', '1.3x', 'lora+25%%'): policies that "

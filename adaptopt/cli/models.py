@@ -149,3 +149,18 @@ def _load(directory: Path, task: str, num_labels: int, label_names: Sequence[str
         if bars:
             hf_logging.enable_progress_bar()
     return model, tokenizer
+
+
+ENCODERS = ("albert", "bert", "deberta", "deberta-v2", "distilbert", "electra", "mpnet", "roberta", "xlm-roberta")
+
+
+def planned_task(config: Any) -> str:
+    """What ``adaptopt plan`` builds from a config: the class ``architectures`` names (a sequence
+    classifier, or a causal / generative language model); for a bare base model (MiniLM's
+    ``BertModel``), a classifier on an encoder, a language model otherwise."""
+    names = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in names):
+        return "classification"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in names):
+        return "causal_lm"
+    return "classification" if getattr(config, "model_type", None) in ENCODERS else "causal_lm"

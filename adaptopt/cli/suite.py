@@ -7,7 +7,7 @@ A suite file lists ``tasks`` (each a run config's ``model`` / ``data`` / ``train
 every method at every seed (:func:`adaptopt.cli.runner.compare_runs`: same data order, initial head
 and evaluation set per seed). A static twin runs, at each seed, the assignment its adaptive run
 reached — every layer's mode in the last step — from step 0, with the same late freezes
-(:func:`static_twin`, a :class:`~adaptopt.Scheduled` plan).
+(:func:`~adaptopt.cli.twins.static_twin`, a :class:`~adaptopt.Scheduled` plan).
 
 Per task, for method ``m`` against LoRA ``L`` and Full ``F`` (means over the paired seeds):
 
@@ -20,7 +20,6 @@ read), and ``--choose`` picks the default among ``candidates`` by :func:`choose_
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import statistics
@@ -29,6 +28,7 @@ from typing import Any, Mapping, Sequence
 
 from .config import ConfigError, load_yaml, normalise
 from .paired import LOWER_IS_BETTER, paired_differences, reference
+from .twins import static_twin, twin_method
 
 SUITE_KEYS = {"name", "tasks", "methods", "seeds", "training", "default", "candidates", "output_dir",
               "clear_lead", "plugins"}
@@ -79,44 +79,6 @@ def load_suite(path: str | Path, output_dir: str | None = None) -> dict[str, Any
             "twins": [labels[i] for i in twins], "default": raw.get("default"), "candidates": candidates,
             "output_dir": str(output_dir or raw.get("output_dir") or "runs/suite"),
             "clear_lead": {**CLEAR_LEAD, **(raw.get("clear_lead") or {})}}
-
-
-# --------------------------------------------------------------------------- static twins
-def static_twin(decisions: Mapping[str, Any]) -> dict[str, dict[str, str]]:
-    """The :class:`~adaptopt.Scheduled` plan of a run's static twin, from its ``decisions.json``:
-    every layer from step 0 in the mode it trained in at the last step — or, for a layer frozen late
-    (trained, then frozen for good), in the mode it had before, frozen at the same step. The output
-    adapter, which no policy decides, is not in the plan (:func:`twin_method` keeps it)."""
-    layers, steps = decisions["layers"], decisions["timeline"]
-    plan: dict[str, dict[str, str]] = {"0": {}}
-    for i, name in enumerate(layers):
-        if name == decisions.get("output_adapter"):
-            continue
-        modes = [s["modes"][i] for s in steps]
-        final = modes[-1]
-        if final == "frozen" and any(m != "frozen" for m in modes):
-            last_trained = max(k for k, m in enumerate(modes) if m != "frozen")
-            plan["0"][name] = modes[last_trained]
-            # the timeline records each step as it begins (1-based); the plan decides after completed steps
-            plan.setdefault(str(steps[last_trained + 1]["step"] - 1), {})[name] = "frozen"
-        else:
-            plan["0"][name] = final
-    return plan
-
-
-def twin_method(method: Mapping[str, Any], plan: Mapping[str, Any], output_adapter: bool = False,
-                policy_extra: Sequence[str] = ()) -> dict[str, Any]:
-    """The method config that runs ``plan`` with ``method``'s learning rates, LoRA settings and
-    trained extras (``train_embeddings``, ``trainable``), and what its policy trained besides the
-    layers it decided: the output adapter (``output_adapter``) and the policy's own trainable
-    patterns (``policy_extra``, e.g. Hybrid's ``head_inputs``); not its budget (the plan already kept to it)."""
-    twin = {k: copy.deepcopy(v) for k, v in method.items() if k in ("lr", "lora_lr", "lora", "train_other",
-                                                                        "trainable", "train_embeddings")}
-    if output_adapter:
-        twin["train_embeddings"] = "output_lora"
-    if policy_extra:
-        twin["trainable"] = list(dict.fromkeys([*(twin.get("trainable") or ()), *policy_extra]))
-    return {**twin, "method": "scheduled", "scheduled": {"plan": dict(plan)}, "label": f"{method['label']} twin"}
 
 
 # --------------------------------------------------------------------------- running
@@ -186,15 +148,16 @@ def task_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lora, full = reference(methods, "lora"), reference(methods, "full")
     means = {m: statistics.fmean(float(r[metric]) for r in rows if r["method"] == m) for m in methods}
-    cost = {key: {m: statistics.fmean(float(r[key]) for r in rows if r["method"] == m) for m in methods}
-            for key in ("wall_time_s", "peak_rss_mb")}
+    cost = {key: {m: statistics.fmean(float(r.get(key, math.nan)) for r in rows if r["method"] == m) for m in methods}
+            for key in ("wall_time_s", "peak_rss_mb", "flops_per_step")}
     diffs = paired_differences(rows, metric, lora)
     lead = means[full] - means[lora]
     return {m: {"metric": metric, "mean": means[m], "vs_lora": diffs.get(m),
                 "share": (means[m] - means[lora]) / lead if lead else math.nan, "full_lead": lead,
                 "lora_mean": means[lora],
                 "time": cost["wall_time_s"][m] / cost["wall_time_s"][lora],
-                "memory": cost["peak_rss_mb"][m] / cost["peak_rss_mb"][lora]} for m in methods}
+                "memory": cost["peak_rss_mb"][m] / cost["peak_rss_mb"][lora],
+                "flops": cost["flops_per_step"][m] / cost["flops_per_step"][lora]} for m in methods}
 
 
 def clearly_led(summary: Mapping[str, Mapping[str, Any]], clear_lead: Mapping[str, float]) -> bool:
@@ -226,17 +189,19 @@ def _cell(s: Mapping[str, Any]) -> str:
 
 def suite_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """A row per method, a column per task (metric, Δ vs LoRA [95% CI] · share of Full's lead), then
-    time and peak memory relative to LoRA averaged over the tasks."""
+    time, FLOPs per step (estimated from each run's timeline; "–" where a row has none) and peak
+    memory relative to LoRA, averaged over the tasks."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     summaries = {t: task_summary([r for r in rows if r["task"] == t]) for t in tasks}
     methods = list(dict.fromkeys(r["method"] for r in rows))
     header = ["method"] + [f"{t} ({next(iter(summaries[t].values()))['metric']})" for t in tasks]
-    header += ["time / LoRA", "memory / LoRA"]
+    header += ["time / LoRA", "FLOPs / LoRA", "memory / LoRA"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in methods:
         cells = [m] + [_cell(summaries[t][m]) if m in summaries[t] else "–" for t in tasks]
         present = [summaries[t][m] for t in tasks if m in summaries[t]]
-        cells += [f"{statistics.fmean(s['time'] for s in present):.2f}",
+        flops = statistics.fmean(s["flops"] for s in present)
+        cells += [f"{statistics.fmean(s['time'] for s in present):.2f}", "–" if math.isnan(flops) else f"{flops:.2f}",
                   f"{statistics.fmean(s['memory'] for s in present):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -343,6 +308,8 @@ def write_suite(rows: Sequence[Mapping[str, Any]], suite: Mapping[str, Any], spl
     """Write ``rows.json``, ``suite.md`` (the table and the goals), a Pareto plot per task and, with
     ``choose``, ``chosen.json``; print the table. Returns what was reported."""
     from .report import plot_pareto
+    from .run_flops import with_flops
+    rows = with_flops(list(rows), {t["name"]: t for t in suite.get("tasks", ())})
     choice = choose_default(rows, suite["candidates"], suite["clear_lead"]) if choose else None  # may refuse: first
     out = Path(suite["output_dir"])
     out.mkdir(parents=True, exist_ok=True)

@@ -187,6 +187,13 @@ class Policy:
         first. Policies that decide later override it with their largest decision."""
         return self.initial(layers, size_scores(layers))
 
+    def run_phases(self, layers: Mapping[str, LayerView], run_steps: int) -> list[tuple[int, dict[str, LayerDecision]]]:
+        """The assignments a run of ``run_steps`` steps trains under, in order, each with its number
+        of steps, every score a layer's size (for the compute estimate, training/compute.py). This
+        default — the peak assignment all run — is exact for a static policy and an upper bound for
+        one whose later decisions follow scores no estimate can know (AutoMode's)."""
+        return [(run_steps, self.peak_assignment(layers))]
+
     def decides_before_training(self) -> bool:
         """True if the policy's first decision reads one batch's gradients and may be made from a
         scoring pass before the first update (:meth:`AdaptiveOptimizer.score_before_training`); it then

@@ -143,21 +143,42 @@ class Hybrid(Policy):
 
     def freeze_step(self) -> int | None:
         """The step after which the prefix freezes (``None``: no prefix, or a fraction of a run
-        of unknown length): ``max(decision step, ⌈freeze_at·run_steps⌉)`` for a fraction."""
+        of unknown length): :meth:`freeze_step_of` this run."""
+        return self.freeze_step_of(self.decision_step(), self.run_steps)
+
+    def freeze_step_of(self, decision: int, run_steps: int | None) -> int | None:
+        """The prefix's freeze step for a decision after step ``decision`` in a run of ``run_steps``:
+        ``max(decision, ⌈freeze_at·run_steps⌉)`` for a fraction, the step itself for a step, the
+        decision for ``None``; ``None`` without a prefix or for a fraction of an unknown length."""
         if not self.freeze_prefix:
             return None
         if self.freeze_at is None:
-            return self.decision_step()
+            return decision
         if isinstance(self.freeze_at, int):
             return self.freeze_at
-        if self.run_steps is None:
+        if run_steps is None:
             return None
-        return max(self.decision_step(), math.ceil(self.freeze_at * self.run_steps))
+        return max(decision, math.ceil(self.freeze_at * run_steps))
 
     def peak_assignment(self, layers: Mapping[str, LayerView]) -> dict[str, LayerDecision]:
         """After the decision, before the prefix freezes: the top ``t`` % units FULL (the largest)."""
+        return self.sized_assignment(layers, with_prefix=False)
+
+    def run_phases(self, layers: Mapping[str, LayerView], run_steps: int) -> list[tuple[int, dict[str, LayerDecision]]]:
+        """All LoRA while calibrating (no steps when a scoring pass decides before training, as the HF
+        Trainer callback does), the peak assignment until the prefix freezes, then with it frozen."""
+        decision = min(0 if self.decides_before_training() else self.calibration_steps, run_steps)
+        freeze = self.freeze_step_of(decision, run_steps)
+        freeze = run_steps if freeze is None else min(freeze, run_steps)
+        phases = [(decision, self.initial(layers, {})), (freeze - decision, self.peak_assignment(layers)),
+                  (run_steps - freeze, self.sized_assignment(layers, with_prefix=True))]
+        return [(steps, assignment) for steps, assignment in phases if steps > 0]
+
+    def sized_assignment(self, layers: Mapping[str, LayerView], with_prefix: bool) -> dict[str, LayerDecision]:
+        """:meth:`assign` with every unit's importance its size (the largest FULL)."""
         groups = units(layers.values(), self.granularity)
-        modes = self.assign(unit_importance(groups, size_scores(layers)), with_prefix=False, within=(groups, layers))
+        modes = self.assign(unit_importance(groups, size_scores(layers)), with_prefix=with_prefix,
+                            within=(groups, layers))
         return {name: LayerDecision(modes[unit], self.rank if modes[unit] is Mode.LORA else None)
                 for unit, names in groups.items() for name in names}
 

@@ -103,6 +103,13 @@ class SampledBlocks(Policy):
         return {name: LayerDecision(Mode.FULL if unit in largest else Mode.FROZEN)
                 for unit, names in groups.items() for name in names}
 
+    def run_phases(self, layers: Mapping[str, LayerView], run_steps: int) -> list[tuple[int, dict[str, LayerDecision]]]:
+        """Each sampling period's draw for its steps (exact for uniform draws and BAdam's orders,
+        which read no scores; a weighted draw is taken with every score a layer's size)."""
+        scores = size_scores(layers)
+        return [(min(self.period, run_steps - start), self.assignment(layers, scores, start // self.period))
+                for start in range(0, run_steps, self.period)]
+
     def active_count(self) -> int:
         """How many blocks train at a time."""
         return 1

@@ -140,6 +140,17 @@ class Scheduled(Policy):
                steps_per_epoch: int | None) -> dict[str, LayerDecision]:
         return self._decisions(layers, step)
 
+    def run_phases(self, layers: Mapping[str, LayerView], run_steps: int) -> list[tuple[int, dict[str, LayerDecision]]]:
+        """Each planned assignment until the next planned step, what earlier steps set carried over
+        (a layer no step has named stays as the optimizer injects it: LoRA)."""
+        starts = sorted({0} | {s for s in self.plan if s < run_steps})
+        current: dict[str, LayerDecision] = {}
+        phases = []
+        for at, end in zip(starts, starts[1:] + [run_steps]):
+            current = current | self._decisions(layers, at)
+            phases.append((end - at, dict(current)))
+        return phases
+
     def config(self) -> dict[str, Any]:
         return {"method": self.method,
                 "plan": {str(step): {n: m.value for n, m in a.items()} for step, a in sorted(self.plan.items())}}

@@ -41,15 +41,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..layers.quant_config import QuantConfig
-from ..layers.trainable_flags import train_exactly
 from ..policies import build_policy
-from ..surgery.inject import DEFAULT_ALPHA, DEFAULT_RANK, inject_with_undo, output_adapter_target
+from ..surgery.inject import DEFAULT_ALPHA, DEFAULT_RANK
 from .arguments import TASK_HEADS
-from .budget import MemoryBudget, resolve_budget
-from .memory import layouts_for, meta_copy, peak_bytes, saved_activation_bytes, state_bytes, traced_activations
-from .policy_inputs import layer_views
-from .transitions import TrainRules, plan_trainable
+from .memory import meta_copy, peak_bytes, saved_activation_bytes, state_bytes
+from .planned_model import PlannedModel, check_step_shape
 
 
 @dataclass(frozen=True)
@@ -92,43 +88,13 @@ def estimate_memory(model: nn.Module, policy: Any = "hybrid", batch_size: int = 
     and moments stay in ``dtype`` (the 32-bit masters), the activations are traced in the 16-bit
     dtype (as autocast keeps them; the loss is still computed in float32), and every matrix a layer
     multiplies has a 16-bit copy saved for backward (autocast casts it for the product)."""
-    for label, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{label} must be a positive int, got {value!r}")
+    check_step_shape(batch_size, seq_len)
     policy = build_policy(policy)
-    meta = meta_copy(model)
-    if dtype is not None:
-        meta = meta.to(dtype)
-    if gradient_checkpointing and callable(getattr(meta, "gradient_checkpointing_enable", None)):
-        meta.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    head = output_adapter_target(meta, required=False) if policy.adapts_output_layer else None
-    # 4-bit bases are counted, not built; the output adapter is LoRA all run
-    layers, _ = inject_with_undo(meta, targets, rank, alpha, mode="frozen", output_adapter=head)
-    quant = quantize if quantize is not None else policy.quantize
-    four_bit = 0
-    if quant is not None:  # NF4/FP4: half a byte per element and an fp32 constant per block
-        blocksize = QuantConfig.coerce(quant).blocksize
-        for name, layer in layers.items():
-            if name == head:  # the output adapter's base stays dense
-                continue
-            w = layer.base.weight
-            four_bit += w.numel() // 2 + 4 * (w.numel() // blocksize) - w.numel() * w.element_size()
-    user_rules = TrainRules(False, tuple(trainable), ())
-    rules = TrainRules(policy.method == "full", tuple(trainable) + tuple(policy.trainable_extra()), ())
-    if memory_budget is not None:
-        spec = MemoryBudget.coerce(memory_budget)  # its activations: its own step's, else this estimate's
-        step = (spec.batch_size, spec.seq_len) if spec.batch_size is not None else (batch_size, seq_len)
-        policy.memory_budget, _ = resolve_budget(spec, meta, layers, rules, user_rules,
-                                                 traced_activations(meta, layers, *step), four_bit)
-    decided = {name: m for name, m in layers.items() if name != head}  # the output adapter: LoRA all run
-    decisions = policy.peak_assignment(layer_views(decided, dict.fromkeys(decided, 1.0)))
-    layouts = layouts_for(layers, {name: (d.mode, d.rank or rank) for name, d in decisions.items()})
-    layouts = {name: layouts.get(name, m.layout()) for name, m in layers.items()}
-    for name, layer in layers.items():
-        layer.adopt_layout(layouts[name])
-    plan = plan_trainable(meta, layers, rules, layouts)
-    params = dict(meta.named_parameters())
-    train_exactly(meta, [params[n] for n in plan])
+    planned = PlannedModel.build(model, policy, dtype=dtype, rank=rank, alpha=alpha, targets=targets,
+                                 quantize=quantize, gradient_checkpointing=gradient_checkpointing,
+                                 trainable=trainable, memory_budget=memory_budget, step=(batch_size, seq_len))
+    layouts = planned.adopt(policy.peak_assignment(planned.views()))
+    meta, layers, rules, four_bit = planned.meta, planned.layers, planned.rules, planned.four_bit
     states = state_bytes(meta, layers, rules, layouts)
     traced = meta if autocast is None else meta_copy(meta).to(autocast)
     activations, logits = saved_activation_bytes(traced, batch_size, seq_len, torch.device("meta"))
@@ -152,13 +118,17 @@ def cast_copies(model: nn.Module, dtype: torch.dtype) -> int:
     return sum(seen.values()) * torch.empty((), dtype=dtype).element_size()
 
 
-def plan_table(estimates: Mapping[str, MemoryEstimate]) -> str:
-    """One row per policy, GB per component, the way ``adaptopt plan`` prints it."""
-    lines = ["| policy | weights | gradients | optimizer | activations | logits | total (GB) | trained |",
-             "|---|---|---|---|---|---|---|---|"]
+def plan_table(estimates: Mapping[str, MemoryEstimate], compute: Mapping[str, float] | None = None) -> str:
+    """One row per policy, GB per component, the way ``adaptopt plan`` prints it; with ``compute``
+    (each policy's FLOPs per step over LoRA's, :func:`~adaptopt.training.compute.relative_compute`)
+    a column of those too."""
+    extra = ("", "") if compute is None else (" FLOPs / LoRA |", "---|")
+    lines = ["| policy | weights | gradients | optimizer | activations | logits | total (GB) | trained |" + extra[0],
+             "|---|---|---|---|---|---|---|---|" + extra[1]]
     for name, estimate in estimates.items():
         r = estimate.row()
+        flops = "" if compute is None else f" {compute[name]:.2f} |"
         lines.append(f"| {name} | {r['weights']:.3g} | {r['gradients']:.3g} | {r['optimizer']:.3g} | "
                      f"{r['activations']:.3g} | {r['logits']:.3g} | **{r['total']:.3g}** | "
-                     f"{estimate.trained_elements / 1e6:.3g}M |")
+                     f"{estimate.trained_elements / 1e6:.3g}M |{flops}")
     return "\n".join(lines)

@@ -6,11 +6,12 @@ construction (docs/optimizer.md, "Planning memory before the run").
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
 from collections import Counter
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -117,7 +118,23 @@ def saved_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, devi
             kept.append(t)  # keeps the storage alive, so its address stays unique while tracing
         return t
 
+    def watch() -> contextlib.AbstractContextManager:
+        seen.clear()
+        kept.clear()
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    logits = traced_step(model, batch_size, seq_len, device, watch)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 32
+    return sum(seen.values()), int(logits.numel()) if torch.is_tensor(logits) else batch_size * seq_len * vocab
+
+
+def traced_step(model: nn.Module, batch_size: int, seq_len: int, device: torch.device,
+                watch: Callable[[], contextlib.AbstractContextManager], backward: bool = False) -> Any:
+    """One forward of ``model`` on ``(batch_size, seq_len)`` zero tokens and its loss (the logits
+    upcast to float32, as transformers computes it), in training mode and eager attention, inside
+    ``watch()`` — and with ``backward``, the loss's backward inside it too. Returns the logits (or
+    whatever the model returned). ``watch`` is called afresh for each way of calling the model that
+    is tried, so what it counts belongs to the call that ran."""
     tokens = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "_attn_implementation"):
@@ -127,20 +144,21 @@ def saved_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, devi
     # transformers' mask helpers read values in places a meta tensor cannot give them: causal models
     # check position ids (skipped when a mask is given), encoders check a given mask (skipped without one)
     for inputs in ({"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}, {"input_ids": tokens}):
-        seen.clear()
-        kept.clear()
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with watch():
                 out = model(**inputs)
                 logits = getattr(out, "logits", out)
                 if torch.is_tensor(logits) and logits.is_floating_point():
                     flat = logits.reshape(-1, logits.shape[-1]).float()
-                    nn.functional.cross_entropy(flat, torch.zeros(flat.shape[0], dtype=torch.long, device=device))
-            break
+                    loss = nn.functional.cross_entropy(flat, torch.zeros(flat.shape[0], dtype=torch.long,
+                                                                         device=device))
+                    if backward and loss.requires_grad:
+                        loss.backward()
+            return logits
         except RuntimeError as err:
             if "meta" not in str(err) or "attention_mask" not in inputs:
                 raise
-    return sum(seen.values()), int(logits.numel()) if torch.is_tensor(logits) else batch_size * seq_len * vocab
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def traced_activations(model: nn.Module, layers: Mapping[str, LoRALinear], batch_size: int, seq_len: int) -> int:
