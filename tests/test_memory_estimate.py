@@ -15,8 +15,12 @@ from adaptopt.training.memory import saved_activation_bytes
 from tests.tiny_models import tiny_llama, transformers
 
 
-@pytest.mark.parametrize("policy", ["full", "lora", "topk", "bitfit", "frozen"])
-def test_trained_elements_and_optimizer_bytes_match_a_real_optimizer(policy):
+PARTIAL_PLAN = {"method": "scheduled", "plan": {0: {"model.layers.0.mlp.up_proj": "full",
+                                                    "model.layers.1.self_attn.q_proj": "frozen"}}}
+
+
+@pytest.mark.parametrize("policy", ["full", "lora", "topk", "bitfit", "frozen", PARTIAL_PLAN])  # a plan names
+def test_trained_elements_and_optimizer_bytes_match_a_real_optimizer(policy):  # two layers: the rest stay LoRA
     estimate = estimate_memory(tiny_llama(layers=3), policy, batch_size=2, seq_len=8, rank=4)
     opt = AdaptiveOptimizer(tiny_llama(layers=3), lr=1e-3, policy=policy, rank=4)
     assert estimate.trained_elements == opt.trainable_parameter_count()
