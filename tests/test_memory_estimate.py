@@ -14,7 +14,6 @@ from adaptopt.training.estimate import estimate_memory, plan_table
 from adaptopt.training.memory import saved_activation_bytes
 from tests.tiny_models import tiny_llama, transformers
 
-
 PARTIAL_PLAN = {"method": "scheduled", "plan": {0: {"model.layers.0.mlp.up_proj": "full",
                                                     "model.layers.1.self_attn.q_proj": "frozen"}}}
 
