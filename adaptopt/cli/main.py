@@ -238,18 +238,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Peak training memory and compute per policy, from the model's config alone (built on the meta
     device)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     from adaptopt import estimate_memory
     from adaptopt.policies.base import OverBudget
     from adaptopt.training.compute import estimate_compute, relative_compute
     from adaptopt.training.estimate import plan_table
 
-    from .models import model_directory, planned_task
+    from .models import meta_model, model_directory, planned_task
     if args.steps <= 0:
         raise ConfigError(f"plan: --steps {args.steps}: the run's length must be a positive number of optimizer steps")
     source = {"path": args.model} if Path(args.model).exists() else {"name": args.model}
-    config = AutoConfig.from_pretrained(model_directory(source))
+    directory = model_directory(source)
+    config = AutoConfig.from_pretrained(directory)
     dtype = getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(f"plan: --dtype {args.dtype!r}: expected float32, bfloat16 or float16")
@@ -260,9 +261,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.autocast and autocast not in (torch.bfloat16, torch.float16):
         raise ConfigError(f"plan: --autocast {args.autocast!r}: expected bfloat16 or float16")
     task = args.task if args.task != "auto" else planned_task(config)
-    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    with torch.device("meta"):
-        model = auto.from_config(config)
+    model = meta_model(directory, task)
     estimates, computed, refused = {}, {}, []
     for name in args.policies.split(","):
         try:

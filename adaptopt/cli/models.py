@@ -164,3 +164,15 @@ def planned_task(config: Any) -> str:
     if any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in names):
         return "causal_lm"
     return "classification" if getattr(config, "model_type", None) in ENCODERS else "causal_lm"
+
+
+def meta_model(directory: Path, task: str) -> Any:
+    """The model ``directory``'s config.json describes, built on the ``meta`` device (nothing
+    allocated) as a sequence classifier or a causal language model (``task``, as
+    :func:`planned_task` says): what the estimates plan on."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    config = AutoConfig.from_pretrained(directory)
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config)

@@ -14,17 +14,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-from .models import model_directory
+from .models import meta_model, model_directory
 from .twins import static_twin
 
 
 @lru_cache(maxsize=8)
 def _meta_model(directory: str, classifier: bool) -> Any:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-    config = AutoConfig.from_pretrained(directory)
-    with torch.device("meta"):
-        return (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_config(config)
+    return meta_model(Path(directory), "classification" if classifier else "causal_lm")
 
 
 @lru_cache(maxsize=256)

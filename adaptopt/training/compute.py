@@ -36,11 +36,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..policies import build_policy
-from ..policies.base import size_scores
+from ..policies.base import check_positive_int, size_scores
 from ..surgery.inject import DEFAULT_ALPHA, DEFAULT_RANK
 from .arguments import TASK_HEADS
 from .memory import traced_step
-from .planned_model import PlannedModel, check_step_shape
+from .planned_model import PlannedModel
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,9 @@ def estimate_compute(model: nn.Module, policy: Any = "hybrid", batch_size: int =
     as :func:`~adaptopt.estimate_memory` does, and the arguments mean what they mean there; a 4-bit
     base multiplies as its dense weight does, so there is no ``quantize``. Compare policies by the
     ratio of their :attr:`ComputeEstimate.per_step` (``adaptopt plan`` prints it against LoRA's)."""
-    check_step_shape(batch_size, seq_len)
-    if isinstance(run_steps, bool) or not isinstance(run_steps, int) or run_steps <= 0:
-        raise ValueError(f"run_steps must be a positive int (the run's length in optimizer steps), got {run_steps!r}")
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("seq_len", seq_len)
+    check_positive_int("run_steps", run_steps)
     policy = build_policy(policy)
     planned = PlannedModel.build(model, policy, dtype=dtype, rank=rank, alpha=alpha, targets=targets,
                                  quantize=None, gradient_checkpointing=gradient_checkpointing,

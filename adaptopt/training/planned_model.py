@@ -25,13 +25,6 @@ from .policy_inputs import layer_views
 from .transitions import TrainRules, plan_trainable
 
 
-def check_step_shape(batch_size: Any, seq_len: Any) -> None:
-    """Both positive ints, or a ValueError naming the one that is not."""
-    for label, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{label} must be a positive int, got {value!r}")
-
-
 @dataclass
 class PlannedModel:
     """A meta model with adapters (``layers``), the output adapter's name (``head``: LoRA all run,
