@@ -48,6 +48,13 @@ def test_compute_estimate_benchmark_runs_small(tmp_path):
     assert by_policy["lora"]["estimated"] == by_policy["lora"]["measured"] == 1.0
     assert by_policy["full"]["estimated"] > 1.3 and by_policy["badam"]["estimated"] < 1.0
     assert "| minilm | full |" in run.stdout and (tmp_path / "compute_estimate.png").stat().st_size > 0
+    real = subprocess.run([sys.executable, str(script), "--quick", "--real", "--policies", "lora,hybrid",
+                           "--steps", "3", "--repeats", "1", "--batch", "2", "--seq", "16",
+                           "--out", str(tmp_path / "real")],
+                          capture_output=True, text=True, timeout=300)  # pretrained MiniLM, rotten_tomatoes' texts
+    assert real.returncode == 0, real.stderr[-2000:]
+    assert [r["policy"] for r in json.loads((tmp_path / "real" / "compute_estimate.json").read_text())["results"]] \
+        == ["lora", "hybrid"]
     cuda = subprocess.run([sys.executable, str(script), "--device", "cuda"], capture_output=True, text=True,
                           timeout=120)
     if not torch.cuda.is_available():
