@@ -124,15 +124,15 @@ def main() -> int:
         return 2
     from tqdm import tqdm
 
+    from adaptopt.cli.models import meta_model, model_directory
     from adaptopt.training.compute import estimate_compute, relative_compute
     dtype = getattr(torch, args.dtype)
     results = []
     models = ["minilm"] if args.quick else args.models.split(",")
     policies = {label: POLICIES[label] for label in args.policies.split(",")}
     for name in models:
-        vocab = model_of(name, "meta", dtype).config.vocab_size
-        batches = batches_of(name, args, vocab)
-        meta = model_of(name, "meta", dtype)
+        meta = meta_model(model_directory({"name": name}), MODELS[name]).to(dtype)
+        batches = batches_of(name, args, meta.config.vocab_size)
         estimates = relative_compute({label: estimate_compute(meta, policy, args.batch, args.seq, run_steps=args.steps)
                                       for label, policy in policies.items()})
         bar = tqdm(total=args.repeats * len(policies), desc=name, unit="run")
