@@ -96,8 +96,6 @@ def estimate_compute(model: nn.Module, policy: Any = "hybrid", batch_size: int =
     as :func:`~adaptopt.estimate_memory` does, and the arguments mean what they mean there; a 4-bit
     base multiplies as its dense weight does, so there is no ``quantize``. Compare policies by the
     ratio of their :attr:`ComputeEstimate.per_step` (``adaptopt plan`` prints it against LoRA's)."""
-    check_positive_int("batch_size", batch_size)
-    check_positive_int("seq_len", seq_len)
     check_positive_int("run_steps", run_steps)
     policy = build_policy(policy)
     planned = PlannedModel.build(model, policy, dtype=dtype, rank=rank, alpha=alpha, targets=targets,

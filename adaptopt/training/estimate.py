@@ -42,7 +42,6 @@ import torch
 from torch import nn
 
 from ..policies import build_policy
-from ..policies.base import check_positive_int
 from ..surgery.inject import DEFAULT_ALPHA, DEFAULT_RANK
 from .arguments import TASK_HEADS
 from .memory import meta_copy, peak_bytes, saved_activation_bytes, state_bytes
@@ -89,8 +88,6 @@ def estimate_memory(model: nn.Module, policy: Any = "hybrid", batch_size: int = 
     and moments stay in ``dtype`` (the 32-bit masters), the activations are traced in the 16-bit
     dtype (as autocast keeps them; the loss is still computed in float32), and every matrix a layer
     multiplies has a 16-bit copy saved for backward (autocast casts it for the product)."""
-    check_positive_int("batch_size", batch_size)
-    check_positive_int("seq_len", seq_len)
     policy = build_policy(policy)
     planned = PlannedModel.build(model, policy, dtype=dtype, rank=rank, alpha=alpha, targets=targets,
                                  quantize=quantize, gradient_checkpointing=gradient_checkpointing,

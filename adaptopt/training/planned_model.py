@@ -17,7 +17,7 @@ from ..layers.lora import LoRALinear
 from ..layers.quant_config import QuantConfig
 from ..layers.trainable_flags import train_exactly
 from ..modes import Mode
-from ..policies.base import LayerDecision, LayerView, Policy
+from ..policies.base import LayerDecision, LayerView, Policy, check_positive_int
 from ..surgery.inject import inject_with_undo, output_adapter_target
 from .budget import MemoryBudget, resolve_budget
 from .memory import layouts_for, meta_copy, traced_activations
@@ -43,7 +43,10 @@ class PlannedModel:
               targets: Any, quantize: Any, gradient_checkpointing: bool, trainable: tuple[str, ...],
               memory_budget: Any, step: tuple[int, int]) -> "PlannedModel":
         """Copy ``model`` to meta (in ``dtype``), inject adapters frozen, and resolve ``memory_budget``
-        onto ``policy`` (its activations: the budget's own step, else ``step`` = (batch, seq))."""
+        onto ``policy`` (its activations: the budget's own step, else ``step`` = (batch, seq), each a
+        positive int, checked before anything is built)."""
+        check_positive_int("batch_size", step[0])
+        check_positive_int("seq_len", step[1])
         meta = meta_copy(model)
         if dtype is not None:
             meta = meta.to(dtype)
