@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adaptopt import AdaptiveOptimizer, Fixed, LayerDecision, Mode, inject_adapters
+from adaptopt.training.arguments import adamw_kernel
 from tests.helpers import assert_same_snapshot, snapshot
 from tests.tiny_models import tiny_bert, token_batch
 
@@ -25,13 +26,17 @@ def train_steps(model, opt, steps, *, seed=0, scheduler=None):
         opt.zero_grad(set_to_none=True)
 
 
-def test_all_full_is_bit_identical_to_plain_adamw():
+KERNELS = [({}, {"fused": True}), ({"foreach": True}, {"foreach": True})]  # ours by default: fused (on CPU)
+
+
+@pytest.mark.parametrize("ours,theirs", KERNELS)
+def test_all_full_is_bit_identical_to_plain_adamw(ours, theirs):
     torch.manual_seed(0)
     model = tiny_bert()
     reference = copy.deepcopy(model)
-    opt = AdaptiveOptimizer(model, lr=1e-3, policy="full", train_other=True, weight_decay=0.01)
+    opt = AdaptiveOptimizer(model, lr=1e-3, policy="full", train_other=True, weight_decay=0.01, **ours)
     assert opt.trainable_parameter_count() == sum(p.numel() for p in reference.parameters())
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.01, foreach=True)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.01, **theirs)
     model.train(), reference.train()
     torch.manual_seed(1)
     train_steps(model, opt, 20)
@@ -42,12 +47,13 @@ def test_all_full_is_bit_identical_to_plain_adamw():
         assert torch.equal(ours[name], p), name
 
 
-def test_all_lora_equals_hand_built_lora_and_adamw():
+@pytest.mark.parametrize("ours,theirs", KERNELS)
+def test_all_lora_equals_hand_built_lora_and_adamw(ours, theirs):
     torch.manual_seed(0)
     model = tiny_bert()
     reference = copy.deepcopy(model)
     torch.manual_seed(5)
-    opt = AdaptiveOptimizer(model, lr=1e-3, policy="lora", rank=4, alpha=8)
+    opt = AdaptiveOptimizer(model, lr=1e-3, policy="lora", rank=4, alpha=8, **ours)
     torch.manual_seed(5)
     adapters = inject_adapters(reference, rank=4, alpha=8)
     for p in reference.parameters():
@@ -56,7 +62,7 @@ def test_all_lora_equals_hand_built_lora_and_adamw():
     head = list(reference.classifier.parameters())
     for p in factors + head:
         p.requires_grad_(True)
-    ref_opt = torch.optim.AdamW([{"params": factors, "lr": 1e-2}, {"params": head, "lr": 1e-3}], foreach=True)
+    ref_opt = torch.optim.AdamW([{"params": factors, "lr": 1e-2}, {"params": head, "lr": 1e-3}], **theirs)
     train_steps(model, opt, 20)
     train_steps(reference, ref_opt, 20)
     ref_params = dict(reference.named_parameters())
@@ -347,3 +353,16 @@ def test_a_decision_touching_a_non_finite_layer_changes_no_layer():
         opt.apply({names[0]: Mode.FULL, names[1]: Mode.FULL})
     assert_same_snapshot(before, snapshot(opt.model))
     assert opt.layers[names[0]].mode is Mode.LORA
+
+
+def test_the_adamw_kernel_is_fused_where_torch_has_it_unless_the_user_chose():
+    cpu, meta = [torch.zeros(2)], [torch.zeros(2, device="meta")]
+    assert adamw_kernel(cpu, {"betas": (0.9, 0.99)}) == {"betas": (0.9, 0.99), "fused": True}
+    assert adamw_kernel(meta, {}) == {"foreach": True}  # no fused kernel for that device
+    assert adamw_kernel(cpu, {"foreach": False}) == {"foreach": False}
+    assert adamw_kernel(cpu, {"fused": False}) == {"fused": False, "foreach": True}
+    assert adamw_kernel(cpu, {"fused": None, "foreach": None}) == {"fused": True, "foreach": None}
+    opt = AdaptiveOptimizer(tiny_bert(), lr=1e-3, policy="full")
+    assert all(g["fused"] for g in opt.param_groups) and opt.inner.defaults["fused"]
+    opt.apply({name: Mode.LORA for name in opt.layers})  # groups the optimizer fills later keep the kernel
+    assert all(g["fused"] for g in opt.param_groups)

@@ -57,3 +57,28 @@ def refuse_deepspeed(model: Any) -> None:
                          "fixes the trained set at initialize(), so a layer's move between frozen, LoRA and full "
                          "cannot reach it. Use FSDP2 (torch.distributed.fsdp.fully_shard; every mode works on sharded "
                          "weights, docs/integrations.md) or DDP (adaptopt.integrations.ddp.AdaptiveDDP) instead")
+
+
+# the devices torch has a fused AdamW kernel for (torch.optim.Optimizer's own list, read lazily)
+def _fused_devices() -> tuple[str, ...]:
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    return tuple(_get_fused_kernels_supported_devices())
+
+
+def adamw_kernel(parameters: Sequence[torch.Tensor], adamw_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The AdamW kernel the optimizer runs, unless the user chose one (``fused`` or ``foreach``):
+    ``fused=True`` when every parameter is on a device torch has the fused kernel for, else
+    ``foreach=True`` (and ``foreach`` when the user turned ``fused`` off).
+
+    Why fused: a FULL layer's update is memory-bound, and the fused kernel reads and writes each
+    element once, where ``foreach`` makes a pass over the group per operation. On this CPU it updated
+    MiniLM's two FULL blocks (3.7M elements) in 1.4 ms against 9.3 ms (docs/performance.md, row 8d);
+    the result agrees to the last bits of float rounding, not bit for bit."""
+    kwargs = dict(adamw_kwargs)
+    if kwargs.get("fused") is None and kwargs.get("foreach") is None:
+        kwargs.pop("fused", None)
+        devices = {p.device.type for p in parameters}
+        kwargs["fused" if devices and devices <= set(_fused_devices()) else "foreach"] = True
+    elif not kwargs.get("fused"):
+        kwargs.setdefault("foreach", True)
+    return kwargs

@@ -41,7 +41,7 @@ from ..surgery.inject import (
     warn_if_rewrapped,
 )
 from ..surgery.swap import RestorePoint
-from .arguments import TASK_HEADS, check_arguments, refuse_deepspeed
+from .arguments import TASK_HEADS, adamw_kernel, check_arguments, refuse_deepspeed
 from .budget import resolve_budget, within_budget
 from .distributed import (
     ReplicatedGradients,
@@ -107,8 +107,9 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             which the policy does not decide (a tied head gets its own copy of the weight first:
             :mod:`adaptopt.surgery.output_adapter`); ``None`` (default): as the policy says (LISA and
             Full: both train; Hybrid: the output adapter; the others: neither).
-        **adamw_kwargs: passed to ``torch.optim.AdamW`` (``betas``, ``eps``, ``weight_decay``,
-            ``foreach`` defaults to True, ...).
+        **adamw_kwargs: passed to ``torch.optim.AdamW`` (``betas``, ``eps``, ``weight_decay``, ...);
+            unless ``fused`` or ``foreach`` is given, the fused kernel where torch has one for the
+            model's device, else ``foreach`` (:func:`~adaptopt.training.arguments.adamw_kernel`).
 
     A block whose targets are all FULL also trains its other parameters (norms, biases).
     """
@@ -133,7 +134,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             raise ValueError(f"train_embeddings is True, False, 'output' (the output layer only), 'output_lora' (an "
                              f"adapter on it) or None (the policy's choice), got {train_embeddings!r}")
         refuse_deepspeed(model)
-        adamw_kwargs.setdefault("foreach", True)
+        adamw_kwargs = adamw_kernel(list(model.parameters()), adamw_kwargs)
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr, **adamw_kwargs)  # validates betas, eps, ...
         self.policy = build_policy(policy)
         self.policy.run_steps = None  # a policy object belongs to one run (docs/design.md §7)
