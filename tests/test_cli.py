@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import sys
 
 import pytest
 
@@ -67,6 +68,7 @@ def test_train_evaluates_saves_and_plots(tiny, tmp_path):
     out = tmp_path / "out"
     result = json.loads((out / "result.json").read_text())
     assert result["accuracy"] > result["majority"] and 0 <= result["f1"] <= 1
+    assert result["host_malloc"] == ("kept" if sys.platform.startswith("linux") else "not glibc")
     decisions = json.loads((out / "decisions.json").read_text())
     assert decisions["history"] and \
         {"step", "layer", "scores", "mode", "rank", "lr_scale"} <= set(decisions["history"][0])

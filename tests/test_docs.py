@@ -40,6 +40,15 @@ def test_every_page_links_resolve():
             assert (page.parent / target).resolve().is_file(), f"{page.name} links {target}"
 
 
+def test_every_file_a_page_names_exists():
+    """A page that names a file of the repository (``adaptopt/…/x.py``, ``tests/…``, ``scripts/…``)
+    names one that is there: modules move, and the prose must move with them."""
+    for page in PAGES:
+        for path in set(re.findall(r"\b((?:adaptopt|integrations|tests|scripts|examples)/[\w/.-]+\.(?:py|sh|yaml))",
+                                   page.read_text())):
+            assert (ROOT / path).is_file(), f"{page.name} names {path}, which is not in the repository"
+
+
 def _session(page: Path, tmp_path: Path, monkeypatch) -> None:
     for module in ("transformers", "lightning", "peft", "bitsandbytes"):
         pytest.importorskip(module)

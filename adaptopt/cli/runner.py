@@ -203,7 +203,9 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
     from adaptopt import export_merged, save_adapters
 
     from ..integrations.hf import AdaptoptCallback
+    from .host_memory import keep_freed_memory
     from .report import plot_run
+    host_malloc = keep_freed_memory()
     data, model, tokenizer, opt = built or build(config, method_cfg, seed, split=split)
     head = [p for n, p in model.named_parameters() if n.split(".")[0] in ("classifier", "score")]
     head_digest = _digest(*head) if head else ""
@@ -243,7 +245,7 @@ def train_run(config: Mapping[str, Any], method_cfg: Mapping[str, Any], seed: in
               "steps": opt.step_count, "train_examples": len(train_rows), "eval_examples": len(eval_rows),
               "split": split, "lr": opt.lr, "lora_lr": opt.lora_lr, "data_order": _digest(recording.batches),
               "eval_set": _digest(data.eval_texts, data.eval_labels), "initial_head": head_digest,
-              "data_notes": list(data.notes),
+              "data_notes": list(data.notes), "host_malloc": host_malloc,
               "run_dir": str(run_dir)}
     decisions = {"layers": list(opt.layers), "output_adapter": opt.output_adapter, "history": opt.history,
                  "score_log": opt.score_log,

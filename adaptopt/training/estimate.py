@@ -12,8 +12,9 @@ adapter, and a tied head's own copy of the weight, with them) and adds up
 - ``W``: every weight at its storage dtype (a 4-bit base: half a byte per element plus its block
   constants, 4 bytes per ``blocksize``);
 - ``G``: one gradient per trained element, in the parameter's dtype; ``g`` the temporaries beside
-  them at the end of backward (AdamW's ``√v`` for the largest optimizer group — it updates one group
-  at a time — and a trained tied weight's second gradient);
+  them at the end of backward (``foreach`` AdamW's ``√v`` for the largest optimizer group — it updates
+  one group at a time; a margin under the default fused kernel — and a trained tied weight's second
+  gradient);
 - ``O``: AdamW's two moments per trained element, in the parameter's dtype (as ``torch.optim.AdamW``
   keeps them);
 - ``A``: the activations autograd saves for backward, *traced*: one forward of the adapted model and

@@ -43,10 +43,12 @@ def peak_bytes(weights: int, gradients: int, activations: int, transient: int) -
     Gradients and activations do not peak together: gradients are set to ``None`` before the
     forward, so the step starts backward holding every saved activation ``A`` (with the first
     gradients of the loss) and no gradient, and ends it holding every gradient ``G`` and no
-    activation — in between, a block's activations are freed as its gradients appear. Then AdamW
-    (``foreach``), one parameter group at a time, holds a temporary ``√v`` for the group's elements,
-    and a trained tied weight (embeddings shared with the output layer) gets its two gradients summed
-    beside one another. Measured against peak resident memory:
+    activation — in between, a block's activations are freed as its gradients appear. Then AdamW's
+    ``foreach`` kernel, one parameter group at a time, holds a temporary ``√v`` for the group's
+    elements (the fused kernel, the optimizer's default where torch has one, holds none: there the
+    estimate is above the peak by at most the largest group's bytes, a margin kept so that a run with
+    ``foreach`` stays within its budget too), and a trained tied weight (embeddings shared with the
+    output layer) gets its two gradients summed beside one another. Measured against peak resident memory:
     docs/performance.md ("The memory estimate against measured peaks")."""
     return weights + 2 * gradients + max(activations, gradients + transient)
 
