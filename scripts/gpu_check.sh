@@ -20,3 +20,5 @@ fi
 .venv/bin/python tests/benchmarks/memory_estimate.py --device cuda --autocast bfloat16 --out results/memory_estimate_cuda_amp
 # the compute estimate against CUDA run times (FLOPs / LoRA's vs time / LoRA's per policy; bf16, 8 x 512)
 .venv/bin/python tests/benchmarks/compute_estimate.py --device cuda --dtype bfloat16 --batch 8 --seq 512 --steps 20 --out results/compute_estimate_cuda
+# AdamW's update of the default's FULL blocks by kernel (fused, the default where torch has it, against foreach)
+.venv/bin/python tests/benchmarks/adamw_kernel.py --device cuda

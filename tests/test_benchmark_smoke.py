@@ -1,7 +1,8 @@
 """Benchmarks in small form: the cheap-score benchmark (a tiny BERT, one repeat, one window) runs and
 prints every figure it reports on MiniLM (tests/benchmarks/cheap_scores.py); the compute estimate's
 benchmark runs MiniLM's policies for a few steps and writes its table, JSON and plot
-(tests/benchmarks/compute_estimate.py); the GPU check stops cleanly on a machine without CUDA."""
+(tests/benchmarks/compute_estimate.py); the AdamW kernel benchmark times MiniLM's two FULL blocks
+(tests/benchmarks/adamw_kernel.py); the GPU check stops cleanly on a machine without CUDA."""
 from __future__ import annotations
 
 import json
@@ -55,6 +56,20 @@ def test_compute_estimate_benchmark_runs_small(tmp_path):
     assert real.returncode == 0, real.stderr[-2000:]
     assert [r["policy"] for r in json.loads((tmp_path / "real" / "compute_estimate.json").read_text())["results"]] \
         == ["lora", "hybrid"]
+    cuda = subprocess.run([sys.executable, str(script), "--device", "cuda"], capture_output=True, text=True,
+                          timeout=120)
+    if not torch.cuda.is_available():
+        assert cuda.returncode == 2 and "no CUDA device" in cuda.stdout
+
+
+def test_adamw_kernel_benchmark_runs_small():
+    script = BENCHMARK.parent / "adamw_kernel.py"
+    run = subprocess.run([sys.executable, str(script), "--models", "minilm", "--repeats", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = next(line for line in run.stdout.splitlines() if line.startswith("| minilm"))
+    elements = float(row.split("|")[2].strip().rstrip("M"))
+    assert 3.5 < elements < 3.6  # two of MiniLM's blocks: 2 × 1.77M
     cuda = subprocess.run([sys.executable, str(script), "--device", "cuda"], capture_output=True, text=True,
                           timeout=120)
     if not torch.cuda.is_available():
