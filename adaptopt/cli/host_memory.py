@@ -38,11 +38,11 @@ def keep_freed_memory() -> str:
         return "not glibc"
     try:
         libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt if hasattr(libc, "gnu_get_libc_version") else None  # musl's mallopt does nothing
-    except (OSError, AttributeError):
+    except OSError:
         return "not glibc"
-    if mallopt is None:
+    if not hasattr(libc, "gnu_get_libc_version"):  # musl has a mallopt that does nothing
         return "not glibc"
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1:
         return "not glibc"
