@@ -20,6 +20,7 @@ from adaptopt.cli.suite import (
     goals,
     goals_table,
     load_suite,
+    methods_to_run,
     run_suite,
     saved_rows,
     suite_table,
@@ -236,6 +237,29 @@ def test_bad_suite_files_are_refused_by_name(tiny, tmp_path):  # noqa: F811
     assert main(["suite", good, "--choose"]) == 2  # choosing needs the validation split
     assert main(["suite", good, "--tasks", "nope"]) == 2
     assert main(["suite", good, "--report-only"]) == 2  # nothing run yet: the task is named
+
+
+def test_a_suite_runs_its_benchmark_unless_told_which_methods(tiny, tmp_path):  # noqa: F811
+    """Without ``--methods`` a suite runs the file's ``benchmark`` (every method if it names none);
+    ``--methods all`` runs every method; labels that are not the file's are refused by name."""
+    everything = load_suite(write_suite(tmp_path / "all.yaml", tiny))
+    assert everything["benchmark"] is None and methods_to_run(everything, None) is None
+    suite = load_suite(write_suite(tmp_path / "s.yaml", tiny, benchmark=["lora", "full", "automode twin"]))
+    assert methods_to_run(suite, None) == ["lora", "full", "automode twin"]
+    assert methods_to_run(suite, "all") is None
+    assert methods_to_run(suite, "hybrid,automode twin") == ["hybrid", "automode twin"]
+    with pytest.raises(ConfigError, match="--methods \\['nope'\\]"):
+        methods_to_run(suite, "lora,nope")
+    for bad in (["hybrid twin"], [], "lora"):  # hybrid has no twin in this file; empty; not a list
+        with pytest.raises(ConfigError, match="benchmark: expected a non-empty list"):
+            load_suite(write_suite(tmp_path / "bad.yaml", tiny, benchmark=bad))
+
+
+def test_the_shipped_suites_benchmark_holds_what_its_goals_read():
+    """The shipped suite's benchmark runs LoRA, Full and the default: the goals' references and subject."""
+    from adaptopt.cli.main import CONFIGS
+    suite = load_suite(CONFIGS / "suites" / "suite.yaml")
+    assert {"lora", "full", suite["default"]} <= set(methods_to_run(suite, None))
 
 
 def test_the_suites_small_form_runs_end_to_end_on_real_tasks(tmp_path):

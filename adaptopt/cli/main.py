@@ -202,7 +202,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_suite(args: argparse.Namespace) -> int:
-    from .suite import load_suite, run_suite, saved_rows, write_suite
+    from .suite import load_suite, methods_to_run, run_suite, saved_rows, write_suite
     shipped = CONFIGS / "suites" / f"{args.config}.yaml"
     suite = load_suite(shipped if shipped.is_file() else config_path(args.config), args.output_dir)
     if args.seeds:
@@ -216,16 +216,16 @@ def cmd_suite(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"suite: --tasks {unknown}: not tasks of {suite['source']} "
                           f"({[t['name'] for t in suite['tasks']]})")
-    methods = args.methods.split(",") if args.methods else None
-    labels = [m["label"] for m in suite["tasks"][0]["methods"]] + [f"{t} twin" for t in suite["twins"]]
-    if sorted(set(methods or ()) - set(labels)):
-        raise ConfigError(f"suite: --methods {sorted(set(methods) - set(labels))}: not method labels of "
-                          f"{suite['source']} ({labels})")
+    methods = methods_to_run(suite, args.methods)
     if not args.report_only:
         for task in suite["tasks"]:
             run = [m for m in task["methods"] if not methods or m["label"] in methods]
             if not only or task["name"] in only:
                 _validate(task, run or task["methods"][:1], task["seeds"][0], args.split)  # twins only: the data
+        tasks = [t for t in suite["tasks"] if not only or t["name"] in only]
+        labels = methods or [m["label"] for m in tasks[0]["methods"]] + [f"{t} twin" for t in suite["twins"]]
+        print(f"suite {suite['name']}: {', '.join(labels)} on {', '.join(t['name'] for t in tasks)}, seeds "
+              f"{tasks[0]['seeds']}: {len(labels) * sum(len(t['seeds']) for t in tasks)} runs", flush=True)
         run_suite(suite, args.split, only=only, methods=methods)
         if only and set(only) != {t["name"] for t in suite["tasks"]}:
             print(f"\nran {only}; `adaptopt suite {args.config} --split {args.split} --report-only` reports every task")
@@ -339,7 +339,8 @@ def parser() -> argparse.ArgumentParser:
     suite.add_argument("--tasks", help="comma-separated task names: run only these (a suite in parts); with "
                        "--report-only, report only these")
     suite.add_argument("--methods", help="comma-separated method labels: run only these (their rows replace the "
-                       "saved ones of the same seeds; the task's other saved rows stay)")
+                       "saved ones of the same seeds; the task's other saved rows stay); 'all': every method "
+                       "(default: the file's benchmark, or every method)")
     suite.add_argument("--report-only", action="store_true", help="report the saved results of every task, "
                        "running nothing")
     suite.add_argument("--output-dir")

@@ -31,7 +31,7 @@ from .paired import LOWER_IS_BETTER, paired_differences, reference
 from .twins import static_twin, twin_method
 
 SUITE_KEYS = {"name", "tasks", "methods", "seeds", "training", "default", "candidates", "output_dir",
-              "clear_lead", "plugins"}
+              "clear_lead", "plugins", "benchmark"}
 TASK_KEYS = {"name", "model", "data", "training"}
 CLEAR_LEAD = {"accuracy": 0.02, "perplexity": 0.02}  # "Full leads LoRA": 2 points; 2 % of LoRA's perplexity
 
@@ -75,13 +75,36 @@ def load_suite(path: str | Path, output_dir: str | None = None) -> dict[str, Any
         raise ConfigError(f"{source}: candidates: {missing} are not method labels ({labels})")
     if len({t["name"] for t in tasks}) != len(tasks):
         raise ConfigError(f"{source}: tasks: names must be distinct")
-    return {"name": raw.get("name", Path(path).stem), "source": source, "tasks": tasks,
+    runnable = labels + [f"{labels[i]} twin" for i in twins]
+    benchmark = raw.get("benchmark")
+    if benchmark is not None and (not isinstance(benchmark, list) or not benchmark
+                                  or sorted(set(benchmark) - set(runnable))):
+        raise ConfigError(f"{source}: benchmark: expected a non-empty list of method labels (twins as "
+                          f"'<label> twin'); not labels: {sorted(set(benchmark or ()) - set(runnable))} of {runnable}")
+    return {"name": raw.get("name", Path(path).stem), "source": source, "tasks": tasks, "benchmark": benchmark,
             "twins": [labels[i] for i in twins], "default": raw.get("default"), "candidates": candidates,
             "output_dir": str(output_dir or raw.get("output_dir") or "runs/suite"),
             "clear_lead": {**CLEAR_LEAD, **(raw.get("clear_lead") or {})}}
 
 
 # --------------------------------------------------------------------------- running
+def methods_to_run(suite: Mapping[str, Any], requested: str | None) -> list[str] | None:
+    """The method labels a run of the suite runs: ``requested`` (comma-separated, twins as
+    ``"<label> twin"``; ``"all"``: every method, returned as ``None``), or without it the file's
+    ``benchmark`` — the methods the goals need, sized to the time a run of the whole suite is meant to
+    take — or every method if the file names none."""
+    if requested is None:
+        return list(suite["benchmark"]) if suite.get("benchmark") else None
+    if requested == "all":
+        return None
+    methods = requested.split(",")
+    labels = [m["label"] for m in suite["tasks"][0]["methods"]] + [f"{t} twin" for t in suite["twins"]]
+    if sorted(set(methods) - set(labels)):
+        raise ConfigError(f"suite: --methods {sorted(set(methods) - set(labels))}: not method labels of "
+                          f"{suite['source']} ({labels}, or 'all')")
+    return methods
+
+
 def run_suite(suite: Mapping[str, Any], split: str = "test", fresh_process: bool = True,
               only: Sequence[str] | None = None, methods: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Every task (or those named in ``only``) × method (or those labelled in ``methods``) × seed,
