@@ -27,9 +27,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..layers.base_kinds import is_quantized_linear, linear_geometry
 from ..layers.changed_marks import is_changed, mark_changed
 from ..layers.layout import Layout, dtype_name
-from ..layers.lora import LoRALinear, is_quantized_linear, linear_geometry
+from ..layers.lora import LoRALinear
 from ..layers.sharded import gathered
 from ..surgery.inject import build_layer, find_adapters, require_adapters
 from ..surgery.output_adapter import tied_partners, untie_config, with_own_weight

@@ -102,7 +102,7 @@ def save_plainly(model: nn.Module) -> nn.Module:
 
     def load_state_dict(state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
         """A plain folder's weights (no adapter key at all) keep every layer's structure; see
-        ``LoRALinear._load_from_state_dict``. Anything else loads as any state dict does."""
+        ``adaptopt.layers.state_dict_keys.take_saved_structure``. Anything else loads as any state dict does."""
         plain = not any(k.endswith(EXACT_ONLY) or ".base." in k for k in state_dict)
         layers = find_adapters(model).values() if plain else ()
         for layer in layers:

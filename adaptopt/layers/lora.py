@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modes import Mode
+from .base_kinds import is_conv1d, is_quantized_linear, linear_geometry
 from .changed_marks import mark_changed
 from .factors import (
     check_init,
@@ -30,34 +31,11 @@ from .factors import (
     svd_of_product,
 )
 from .fused_lora import FusedLoRALinear, can_fuse
-from .layout import Layout, TensorSpec, implied_by_state_dict
+from .layout import Layout, TensorSpec
 from .quant_config import QuantConfig
-from .sharded import gathered, is_sharded, local_part, local_tensor, shard_like, with_sharding_of
-from .state_dict_keys import holds_full_layer_state, read_plain_names, write_plain_names
+from .sharded import gathered, is_sharded, local_part, local_tensor, with_sharding_of
+from .state_dict_keys import take_saved_structure, write_plain_names
 from .trainable_flags import sync_layer_requires_grad
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for a GPT-2 ``Conv1D``: ``weight`` of shape ``(nx, nf)`` = (in, out) and an ``nf`` attribute."""
-    weight = getattr(module, "weight", None)
-    return (not isinstance(module, nn.Linear) and isinstance(weight, torch.Tensor) and weight.dim() == 2
-            and isinstance(getattr(module, "nf", None), int) and weight.shape[1] == module.nf)
-
-
-def is_quantized_linear(module: nn.Module) -> bool:
-    """True for a bitsandbytes 4-bit linear (its weight is a packed ``Params4bit``)."""
-    return isinstance(module, nn.Linear) and hasattr(module.weight, "quant_state")
-
-
-def linear_geometry(module: nn.Module) -> tuple[int, int, bool]:
-    """``(in_features, out_features, fan_in_fan_out)`` of a linear-like module, or a ``TypeError``."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, False
-    if is_conv1d(module):
-        return module.weight.shape[0], module.weight.shape[1], True
-    raise TypeError(
-        f"adaptopt adapts nn.Linear and GPT-2-style Conv1D layers, not {type(module).__name__}; "
-        "narrow `targets` to linear layers")
 
 
 def _rounded_sum(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -439,39 +417,9 @@ class LoRALinear(nn.Module):
     keep_structure_on_plain_load = False  # set while a plain folder loads (adaptopt.formats.hf_folders)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
-        """Read the plain names (:mod:`adaptopt.layers.state_dict_keys`), take the structure a full
-        state dict of this layer describes (factors of its rank, or none; a 4-bit layer's dense
-        delta), then load the values as usual.
-
-        This is what lets ``model.load_state_dict`` (and the HF Trainer's resume) load a
-        checkpoint saved after transitions into a model still in its initial modes (and a whole,
-        unsharded state dict into a model sharded by FSDP2: each rank takes its rows). Only the
-        structure is inferred (:func:`~adaptopt.layers.layout.implied_by_state_dict`); the
-        optimizer's ``load_state_dict`` restores the exact modes. A partial state dict
-        (without the weight) leaves the structure alone.
-        """
-        if holds_full_layer_state(state_dict, prefix):
-            plain_only = not any(key[len(prefix):].split(".")[0] in ("base", "lora_A", "lora_B", "delta")
-                                 for key in state_dict if key.startswith(prefix))
-            merged = read_plain_names(state_dict, prefix)
-            a = state_dict.get(prefix + "lora_A")
-            if plain_only and self.keep_structure_on_plain_load and self.layout().has_factors:
-                # a plain folder (W + s·BA under the plain name, as the Trainer resumes one): the layer keeps
-                # its structure — what trains, and a DDP built on it, stay as they are — with its update set
-                # to zero, which computes exactly the loaded weight; the sidecar and the optimizer's state
-                # restore the rest
-                self.unmerge()
-                state_dict[prefix + "lora_A"] = self.lora_A.detach()
-                state_dict[prefix + "lora_B"] = torch.zeros_like(self.lora_B)
-            else:
-                self.adopt_layout(implied_by_state_dict(self.layout(), None if a is None else int(a.shape[0]),
-                                                        prefix + "delta" in state_dict))
-            if merged is not None and self._merge_lives_in_weight:
-                self.merged = merged and self.lora_A is not None
-        for name, p in self.named_parameters():  # FSDP2: a whole tensor loads as this rank's rows
-            key = prefix + name
-            if is_sharded(p) and key in state_dict and not is_sharded(state_dict[key]):
-                state_dict[key] = shard_like(p, state_dict[key].to(p.device))
+        """Take the structure the saved state describes
+        (:func:`~adaptopt.layers.state_dict_keys.take_saved_structure`), then load the values as usual."""
+        take_saved_structure(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------- introspection

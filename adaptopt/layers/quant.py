@@ -26,9 +26,10 @@ from torch import nn
 
 from .._imports import require
 from ..modes import Mode
+from .base_kinds import is_quantized_linear, linear_geometry
 from .factors import check_init, factors_from_svd, lora_scaling, svd_dense
 from .fused_quant_lora import FusedQuantLoRALinear, can_fuse_quant
-from .lora import LoRALinear, is_quantized_linear, linear_geometry
+from .lora import LoRALinear
 from .mapped_pages import release_file_pages
 from .quant_config import QUANT_TYPES, QuantConfig
 

@@ -27,6 +27,11 @@ from __future__ import annotations
 
 from typing import Any, MutableMapping
 
+import torch
+
+from .layout import implied_by_state_dict
+from .sharded import is_sharded, shard_like
+
 BASE = "base."
 
 
@@ -72,3 +77,38 @@ def holds_full_layer_state(state_dict: MutableMapping[str, Any], prefix: str) ->
     """Does the state dict describe the whole layer (its weight, under either name), so its
     structure can be inferred from the keys? A partial one leaves the structure alone."""
     return prefix + "weight" in state_dict or prefix + BASE + "weight" in state_dict
+
+
+def take_saved_structure(layer: Any, state_dict: MutableMapping[str, Any], prefix: str) -> None:
+    """Before an adapter layer loads its slice of a state dict: read the plain names
+    (:func:`read_plain_names`), take the structure a full state dict of the layer describes
+    (factors of its rank, or none; a 4-bit layer's dense delta), and split whole tensors into this
+    rank's rows where the layer is sharded by FSDP2.
+
+    This is what lets ``model.load_state_dict`` (and the HF Trainer's resume) load a checkpoint
+    saved after transitions into a model still in its initial modes. Only the structure is inferred
+    (:func:`~adaptopt.layers.layout.implied_by_state_dict`); the optimizer's ``load_state_dict``
+    restores the exact modes. A partial state dict (without the weight) leaves the structure alone.
+    """
+    if holds_full_layer_state(state_dict, prefix):
+        plain_only = not any(key[len(prefix):].split(".")[0] in ("base", "lora_A", "lora_B", "delta")
+                             for key in state_dict if key.startswith(prefix))
+        merged = read_plain_names(state_dict, prefix)
+        a = state_dict.get(prefix + "lora_A")
+        if plain_only and layer.keep_structure_on_plain_load and layer.layout().has_factors:
+            # a plain folder (W + s·BA under the plain name, as the Trainer resumes one): the layer keeps
+            # its structure — what trains, and a DDP built on it, stay as they are — with its update set
+            # to zero, which computes exactly the loaded weight; the sidecar and the optimizer's state
+            # restore the rest
+            layer.unmerge()
+            state_dict[prefix + "lora_A"] = layer.lora_A.detach()
+            state_dict[prefix + "lora_B"] = torch.zeros_like(layer.lora_B)
+        else:
+            layer.adopt_layout(implied_by_state_dict(layer.layout(), None if a is None else int(a.shape[0]),
+                                                     prefix + "delta" in state_dict))
+        if merged is not None and layer._merge_lives_in_weight:
+            layer.merged = merged and layer.lora_A is not None
+    for name, p in layer.named_parameters():  # FSDP2: a whole tensor loads as this rank's rows
+        key = prefix + name
+        if is_sharded(p) and key in state_dict and not is_sharded(state_dict[key]):
+            state_dict[key] = shard_like(p, state_dict[key].to(p.device))

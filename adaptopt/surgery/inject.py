@@ -25,9 +25,10 @@ from typing import Any, Iterable, Mapping, Pattern, Union
 
 from torch import nn
 
+from ..layers.base_kinds import is_conv1d, is_quantized_linear
 from ..layers.factors import check_init, check_rank_alpha
 from ..layers.layout import Layout
-from ..layers.lora import LoRALinear, is_conv1d, is_quantized_linear
+from ..layers.lora import LoRALinear
 from ..layers.quant import QuantConfig, QuantLoRALinear
 from ..modes import Mode
 from ..name_patterns import matcher
