@@ -223,7 +223,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
             if not only or task["name"] in only:
                 _validate(task, run or task["methods"][:1], task["seeds"][0], args.split)  # twins only: the data
         tasks = [t for t in suite["tasks"] if not only or t["name"] in only]
-        labels = methods or [m["label"] for m in tasks[0]["methods"]] + [f"{t} twin" for t in suite["twins"]]
+        labels = methods or suite["runnable"]
         print(f"suite {suite['name']}: {', '.join(labels)} on {', '.join(t['name'] for t in tasks)}, seeds "
               f"{tasks[0]['seeds']}: {len(labels) * sum(len(t['seeds']) for t in tasks)} runs", flush=True)
         run_suite(suite, args.split, only=only, methods=methods)

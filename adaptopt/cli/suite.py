@@ -77,12 +77,12 @@ def load_suite(path: str | Path, output_dir: str | None = None) -> dict[str, Any
         raise ConfigError(f"{source}: tasks: names must be distinct")
     runnable = labels + [f"{labels[i]} twin" for i in twins]
     benchmark = raw.get("benchmark")
-    if benchmark is not None and (not isinstance(benchmark, list) or not benchmark
-                                  or sorted(set(benchmark) - set(runnable))):
+    if benchmark is not None and (not isinstance(benchmark, list) or not benchmark or set(benchmark) - set(runnable)):
         raise ConfigError(f"{source}: benchmark: expected a non-empty list of method labels (twins as "
-                          f"'<label> twin'); not labels: {sorted(set(benchmark or ()) - set(runnable))} of {runnable}")
+                          f"'<label> twin') of {runnable}, got {benchmark!r}")
     return {"name": raw.get("name", Path(path).stem), "source": source, "tasks": tasks, "benchmark": benchmark,
-            "twins": [labels[i] for i in twins], "default": raw.get("default"), "candidates": candidates,
+            "runnable": runnable, "twins": [labels[i] for i in twins], "default": raw.get("default"),
+            "candidates": candidates,
             "output_dir": str(output_dir or raw.get("output_dir") or "runs/suite"),
             "clear_lead": {**CLEAR_LEAD, **(raw.get("clear_lead") or {})}}
 
@@ -98,10 +98,10 @@ def methods_to_run(suite: Mapping[str, Any], requested: str | None) -> list[str]
     if requested == "all":
         return None
     methods = requested.split(",")
-    labels = [m["label"] for m in suite["tasks"][0]["methods"]] + [f"{t} twin" for t in suite["twins"]]
-    if sorted(set(methods) - set(labels)):
-        raise ConfigError(f"suite: --methods {sorted(set(methods) - set(labels))}: not method labels of "
-                          f"{suite['source']} ({labels}, or 'all')")
+    unknown = sorted(set(methods) - set(suite["runnable"]))
+    if unknown:
+        raise ConfigError(f"suite: --methods {unknown}: not method labels of {suite['source']} "
+                          f"({suite['runnable']}, or 'all')")
     return methods
 
 
