@@ -250,7 +250,7 @@ def test_a_suite_runs_its_benchmark_unless_told_which_methods(tiny, tmp_path):  
     assert methods_to_run(suite, "hybrid,automode twin") == ["hybrid", "automode twin"]
     with pytest.raises(ConfigError, match="--methods \\['nope'\\]"):
         methods_to_run(suite, "lora,nope")
-    for bad in (["hybrid twin"], [], "lora"):  # hybrid has no twin in this file; empty; not a list
+    for bad in (["hybrid twin"], [], "lora", [{"method": "lora"}]):  # hybrid has no twin here; empty; not labels
         with pytest.raises(ConfigError, match="benchmark: expected a non-empty list"):
             load_suite(write_suite(tmp_path / "bad.yaml", tiny, benchmark=bad))
 

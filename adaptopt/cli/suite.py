@@ -77,7 +77,8 @@ def load_suite(path: str | Path, output_dir: str | None = None) -> dict[str, Any
         raise ConfigError(f"{source}: tasks: names must be distinct")
     runnable = labels + [f"{labels[i]} twin" for i in twins]
     benchmark = raw.get("benchmark")
-    if benchmark is not None and (not isinstance(benchmark, list) or not benchmark or set(benchmark) - set(runnable)):
+    if benchmark is not None and (not isinstance(benchmark, list) or not benchmark
+                                  or any(label not in runnable for label in benchmark)):
         raise ConfigError(f"{source}: benchmark: expected a non-empty list of method labels (twins as "
                           f"'<label> twin') of {runnable}, got {benchmark!r}")
     return {"name": raw.get("name", Path(path).stem), "source": source, "tasks": tasks, "benchmark": benchmark,
