@@ -366,3 +366,21 @@ def test_the_adamw_kernel_is_fused_where_torch_has_it_unless_the_user_chose():
     assert all(g["fused"] for g in opt.param_groups) and opt.inner.defaults["fused"]
     opt.apply({name: Mode.LORA for name in opt.layers})  # groups the optimizer fills later keep the kernel
     assert all(g["fused"] for g in opt.param_groups)
+
+
+def test_layer_lr_scales_apply_during_the_update_only_even_when_it_raises():
+    """Each layer's groups run at lr × its scale inside ``scaled_lrs`` (the "other" group unscaled);
+    the scheduled lrs come back after it, also when the update raises."""
+    from adaptopt.training.param_groups import layer_groups, scaled_lrs
+    roles, groups = layer_groups(["a", "b"], lr=1e-3, lora_lr=1e-2, lora_plus_ratio=4.0)
+    assert roles == [("other", None), ("full", "a"), ("lora", "a"), ("lora_b", "a"),
+                     ("full", "b"), ("lora", "b"), ("lora_b", "b")]
+    before = [g["lr"] for g in groups]
+    assert before == [1e-3, 1e-3, 1e-2, 4e-2, 1e-3, 1e-2, 4e-2]
+    scales = {"a": 0.5, "b": 1.0}
+    with scaled_lrs(groups, roles, scales):
+        assert [g["lr"] for g in groups] == [lr * (scales[r[1]] if r[1] else 1.0) for lr, r in zip(before, roles)]
+    assert [g["lr"] for g in groups] == before
+    with pytest.raises(RuntimeError), scaled_lrs(groups, roles, scales):
+        raise RuntimeError("the update failed")
+    assert [g["lr"] for g in groups] == before

@@ -3,16 +3,8 @@
 In a raw loop ``loss.backward(); opt.step(); opt.zero_grad()`` does everything: after each
 update the policy may decide, and the chosen layers change mode in place (function-
 preserving, :meth:`adaptopt.LoRALinear.set_mode`), with only their own optimizer state
-touched.
-
-Param groups never change in number: group 0 holds the non-target parameters that train
-("other"); every target layer has a "full" group (its weight / dense delta and bias,
-lr = ``lr``) and a "lora" group (its factors, lr = ``lora_lr``), either possibly empty. A
-scheduler built once at the start therefore schedules every layer, including layers
-promoted later. A layer's LR scale multiplies its groups' scheduled lr during the update:
-
-.. math::  \\mathrm{lr}_{\\text{effective}}(\\ell)
-           = \\mathrm{lr}_{\\text{scheduled}}(\\text{group}) \\cdot \\mathrm{scale}_\\ell
+touched. Its param groups never change in number, and each layer's LR scale multiplies its
+groups' scheduled lr during the update (:mod:`adaptopt.training.param_groups`).
 """
 from __future__ import annotations
 
@@ -53,6 +45,7 @@ from .distributed import (
 )
 from .layer_stats import StatsCollector
 from .optimizer_checkpoint import optimizer_state, restore_optimizer
+from .param_groups import layer_groups, scaled_lrs
 from .policy_inputs import layer_views, refresh_weight_scores
 from .run_length import run_length_change, run_too_short
 from .scoring_pass import score_before_training
@@ -199,14 +192,7 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
         self._replicated = ReplicatedGradients()
         self._transition_hooks: OrderedDict[int, Callable[["AdaptiveOptimizer"], None]] = OrderedDict()
 
-        self._roles: list[tuple[str, str | None]] = [("other", None)]
-        groups: list[dict[str, Any]] = [{"params": [], "lr": self.lr}]
-        for name in self.layers:
-            self._roles += [("full", name), ("lora", name)]
-            groups += [{"params": [], "lr": self.lr}, {"params": [], "lr": self.lora_lr}]
-            if self.lora_plus_ratio is not None:  # LoRA+: B in its own group, at ratio × lora_lr
-                self._roles.append(("lora_b", name))
-                groups.append({"params": [], "lr": self.lora_lr * self.lora_plus_ratio})
+        self._roles, groups = layer_groups(self.layers, self.lr, self.lora_lr, self.lora_plus_ratio)
         self._group_of_role = {role: i for i, role in enumerate(self._roles)}
         defaults = {"lr": self.lr, **adamw_kwargs}
         super().__init__(groups, defaults)
@@ -300,17 +286,8 @@ class AdaptiveOptimizer(torch.optim.Optimizer):
             self.collector.discard()  # the skipped step's statistics leave no trace
             return loss
         self.collector.observe_step()  # cheap scores read this step's gradients before the update
-        scaled = []
-        for group, (_, layer) in zip(self.param_groups, self._roles):
-            scale = self.lr_scales[layer] if layer is not None else 1.0
-            if scale != 1.0:
-                scaled.append((group, group["lr"]))
-                group["lr"] = group["lr"] * scale
-        try:
+        with scaled_lrs(self.param_groups, self._roles, self.lr_scales):
             self.inner.step()
-        finally:
-            for group, lr in scaled:
-                group["lr"] = lr
         self.collector.commit()
         self.step_count += 1
         if self.policy.is_decision_step(self.step_count, self.steps_per_epoch):
